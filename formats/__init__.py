@@ -1,0 +1,1 @@
+"""On-disk codecs (installed as k2quant.formats): readers and writers, no quantization."""

@@ -1,0 +1,304 @@
+"""The Kimi K2 / DeepSeek-V3 forward pass, written once.
+
+It serves calibration (layer-streamed, with an observer on every linear's input),
+accuracy diffs (layer-streamed), training mini-K2 (autograd through the same code) and
+the runner (resident weights, KV cache). Weights come through `Weights`: the forward asks
+for a logical tensor by its checkpoint name and gets a float tensor on the compute device;
+where it came from (BF16, FP8 block, INT4, GGUF, GPU cache or a memory map) is the
+source's business. `Weights.linear` is the one place a source may substitute a
+quantized kernel.
+
+Semantics follow transformers' DeepseekV3 (which matches DeepSeek's reference code):
+YaRN with mscale on the softmax scale, sigmoid noaux_tc routing where the correction bias
+only selects, group-limited top-k, interleaved RoPE pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import K2Config, RopeConfig
+
+LinearObserver = Callable[[str, torch.Tensor], None]
+RouteObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+# ---------------------------------------------------------------------------- weights
+class Weights:
+    """Where the forward gets its weights: `get(name)` -> float tensor on device.
+
+    With cache=True each tensor is fetched once and kept (resident use); with cache=False
+    every call fetches again and nothing outlives its use (layer streaming), so memory is
+    bounded by the largest tensor in flight.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, cache: bool = False):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.cache = cache
+        self._cached: dict[str, torch.Tensor] = {}
+
+    def fetch(self, name: str) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self._cached.get(name)
+        if t is None:
+            t = self.fetch(name)
+            if t.device != self.device or (t.is_floating_point() and t.dtype != self.dtype):
+                t = t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
+            if self.cache:
+                self._cached[name] = t
+        return t
+
+    def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """y = x W^T for the linear module `name` (without the `.weight` suffix)."""
+        return F.linear(x, self.get(name + ".weight"))
+
+
+class DictWeights(Weights):
+    """Weights held in a dict of tensors (tests, training: the tensors may require grad)."""
+
+    def __init__(
+        self, tensors: dict[str, torch.Tensor], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ):
+        super().__init__(device, dtype, cache=False)
+        self.tensors = tensors
+
+    def fetch(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+class CheckpointWeights(Weights):
+    """Weights dequantized on demand from an opened checkpoint (see checkpoint.py)."""
+
+    def __init__(
+        self, checkpoint, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, cache: bool = False
+    ):
+        super().__init__(device, dtype, cache)
+        self.checkpoint = checkpoint
+
+    def fetch(self, name: str) -> torch.Tensor:
+        return self.checkpoint.tensor(name, torch.float32)
+
+
+# ---------------------------------------------------------------------------- RoPE
+def rope_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
+    """Inverse frequencies for a `dim`-wide rotary part; YaRN blends interpolation and extrapolation."""
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if rope.type != "yarn":
+        return 1.0 / pos_freqs
+    orig = rope.original_max_position_embeddings
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    return (1.0 / (rope.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+
+
+def rope_cos_sin(cfg: K2Config, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, rope_dim/2] for integer positions, scaled by YaRN's attention factor."""
+    inv_freq = rope_inv_freq(cfg.rope, cfg.qk_rope_head_dim).to(device)
+    freqs = positions.to(device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    scale = cfg.rope.cos_sin_scale
+    return freqs.cos() * scale, freqs.sin() * scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate the last dim of x [..., T, d]. Interleaved: pairs (x0,x1),(x2,x3)... (DeepSeek's layout);
+    the result is written de-interleaved, which leaves q.k unchanged since q and k get the same order."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# ---------------------------------------------------------------------------- cache
+@dataclass
+class MLACache:
+    """KV cache of the compressed latents: per layer the normed kv latent [B, S, kv_lora_rank]
+    and the rotated shared key [B, S, rope_dim]; 576 values per token per layer for K2."""
+
+    latent: dict[int, torch.Tensor] = field(default_factory=dict)
+    k_rot: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def length(self) -> int:
+        return 0 if not self.latent else next(iter(self.latent.values())).shape[1]
+
+    def update(self, layer: int, latent: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.latent:
+            latent = torch.cat([self.latent[layer], latent], dim=1)
+            k_rot = torch.cat([self.k_rot[layer], k_rot], dim=1)
+        self.latent[layer], self.k_rot[layer] = latent, k_rot
+        return latent, k_rot
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.latent, self.k_rot) for t in d.values())
+
+
+# ---------------------------------------------------------------------------- forward
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def route(cfg: K2Config, x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | None):
+    """noaux_tc routing of tokens x [N, H]: (scores [N, E], top-k ids [N, k], weights [N, k]).
+
+    Sigmoid scores; the correction bias is added for selection only; experts are first
+    limited to the top `topk_group` groups by the sum of each group's best two scores.
+    """
+    logits = F.linear(x.to(torch.float32), gate_w.to(torch.float32))
+    scores = logits.sigmoid()
+    choice = scores if bias is None else scores + bias.to(torch.float32)
+    if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
+        n, e = choice.shape
+        grouped = choice.view(n, cfg.n_group, e // cfg.n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(cfg.topk_group, dim=-1).indices, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(e // cfg.n_group, dim=1), float("-inf"))
+    ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return scores, ids, weights * cfg.routed_scaling_factor
+
+
+class K2Model:
+    """The K2 forward over a `Weights` source. `logits(ids)` runs layer by layer."""
+
+    def __init__(self, config: K2Config, weights: Weights):
+        self.config = config
+        self.weights = weights
+        self.observer: LinearObserver | None = None  # sees every linear's input (calibration)
+        self.route_observer: RouteObserver | None = None  # sees (layer, scores, ids, weights)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.device
+
+    # -- pieces
+    def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(name, x)
+        return self.weights.linear(name, x)
+
+    def mlp(self, prefix: str, x: torch.Tensor) -> torch.Tensor:
+        gate = self.linear(prefix + "gate_proj", x)
+        up = self.linear(prefix + "up_proj", x)
+        return self.linear(prefix + "down_proj", F.silu(gate) * up)
+
+    def attention(self, i: int, x: torch.Tensor, positions: torch.Tensor, cache: MLACache | None) -> torch.Tensor:
+        c, w = self.config, self.weights
+        p = f"model.layers.{i}.self_attn."
+        b, t, _ = x.shape
+        if c.q_lora_rank is not None:
+            q_lat = rms_norm(self.linear(p + "q_a_proj", x), w.get(p + "q_a_layernorm.weight"), c.rms_norm_eps)
+            q = self.linear(p + "q_b_proj", q_lat)
+        else:
+            q = self.linear(p + "q_proj", x)
+        q = q.view(b, t, c.num_attention_heads, c.qk_head_dim).transpose(1, 2)
+        q_nope, q_rot = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        ckv = self.linear(p + "kv_a_proj_with_mqa", x)
+        latent, k_rot = ckv.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        latent = rms_norm(latent, w.get(p + "kv_a_layernorm.weight"), c.rms_norm_eps)
+        cos, sin = rope_cos_sin(c, positions, x.device)
+        q_rot = apply_rope(q_rot, cos, sin, c.rope_interleave)
+        k_rot = apply_rope(k_rot, cos, sin, c.rope_interleave)
+        if cache is not None:
+            latent, k_rot = cache.update(i, latent, k_rot)
+        s = latent.shape[1]
+        kv = self.linear(p + "kv_b_proj", latent).view(b, s, c.num_attention_heads, -1).transpose(1, 2)
+        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_rot[:, None].expand(-1, c.num_attention_heads, -1, -1)], dim=-1)
+        qq = torch.cat([q_nope, q_rot], dim=-1)
+        key_pos = torch.arange(s, device=x.device)
+        mask = key_pos[None, :] <= positions.to(x.device)[:, None]
+        out = F.scaled_dot_product_attention(qq, k, v, attn_mask=mask, scale=c.softmax_scale)
+        out = out.transpose(1, 2).reshape(b, t, c.num_attention_heads * c.v_head_dim)
+        return self.linear(p + "o_proj", out)
+
+    def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        c, w = self.config, self.weights
+        p = f"model.layers.{i}.mlp."
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        bias_name = p + "gate.e_score_correction_bias"
+        scores, ids, weights = route(c, flat, w.get(p + "gate.weight"), w.get(bias_name))
+        if self.route_observer is not None:
+            self.route_observer(i, scores, ids, weights)
+        out = torch.zeros_like(flat)
+        for e in torch.unique(ids).tolist():
+            tok, slot = torch.where(ids == e)
+            y = self.mlp(f"{p}experts.{e}.", flat[tok]) * weights[tok, slot, None].to(flat.dtype)
+            out.index_add_(0, tok, y)
+        out = out.view(shape)
+        if c.n_shared_experts:
+            out = out + self.mlp(p + "shared_experts.", x)
+        return out
+
+    def layer(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: MLACache | None = None) -> torch.Tensor:
+        c, w = self.config, self.weights
+        p = f"model.layers.{i}."
+        h = h + self.attention(i, rms_norm(h, w.get(p + "input_layernorm.weight"), c.rms_norm_eps), positions, cache)
+        x = rms_norm(h, w.get(p + "post_attention_layernorm.weight"), c.rms_norm_eps)
+        return h + (self.moe(i, x) if c.is_moe(i) else self.mlp(p + "mlp.", x))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids.to(self.device), self.weights.get("model.embed_tokens.weight"))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        h = rms_norm(h, self.weights.get("model.norm.weight"), self.config.rms_norm_eps)
+        name = "model.embed_tokens" if self.config.tie_word_embeddings else "lm_head"
+        return self.linear(name, h)
+
+    def forward(self, input_ids: torch.Tensor, cache: MLACache | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] in the compute dtype; with a cache, positions continue after it."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
+        past = cache.length() if cache is not None else 0
+        positions = torch.arange(past, past + input_ids.shape[1])
+        h = self.embed(input_ids)
+        for i in range(self.config.num_hidden_layers):
+            h = self.layer(i, h, positions, cache)
+        return self.head(h)
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """float32 logits [B, T, vocab] for LongTensor input_ids [B, T]."""
+        return self.forward(torch.as_tensor(input_ids, dtype=torch.long)).to(torch.float32)
+
+
+def open_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, resident: bool = False
+) -> K2Model:
+    """Open a K2 model directory for evaluation.
+
+    resident=False streams: every weight is read and dequantized when the forward needs it
+    and dropped after, so a model far larger than RAM can still be evaluated.
+    """
+    from .checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(path)
+    model = K2Model(ckpt.config, CheckpointWeights(ckpt, device, dtype, cache=resident))
+    model.checkpoint = ckpt
+    return model

@@ -1,0 +1,1 @@
+"""Quantization schemes: pure, vectorized functions; no file I/O anywhere in here."""

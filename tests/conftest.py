@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny random K2-shaped checkpoints made with transformers' DeepseekV3."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from k2quant.formats.hf import save_checkpoint
+from k2quant.release import FP8_QUANTIZATION_CONFIG, release_tensors
+
+TINY = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=256,
+    moe_intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    routed_scaling_factor=2.827,
+    kv_lora_rank=96,
+    q_lora_rank=128,
+    qk_rope_head_dim=32,
+    v_head_dim=32,
+    qk_nope_head_dim=32,
+    n_group=1,
+    topk_group=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    max_position_embeddings=4096,
+    num_nextn_predict_layers=0,
+    rms_norm_eps=1e-6,
+)
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 50000.0,
+    "factor": 32.0,
+    "beta_fast": 1.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "original_max_position_embeddings": 64,
+}
+PLAIN_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+
+
+def make_hf_model(seed: int = 0, yarn: bool = True, **overrides):
+    """A DeepseekV3ForCausalLM with weights large enough that routing and attention matter."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    kw = dict(TINY, rope_parameters=dict(YARN if yarn else PLAIN_ROPE))
+    kw.update(overrides)
+    cfg = DeepseekV3Config(**kw)
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(cfg).float().eval()
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.copy_(0.05 * torch.randn_like(b))
+    return model
+
+
+def hf_state_and_config(model, tmp: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Per-expert state dict and config.json as transformers saves them."""
+    d = tmp / "hf-save"
+    model.save_pretrained(d)
+    state = load_file(str(d / "model.safetensors"))
+    config = json.loads((d / "config.json").read_text())
+    return state, config
+
+
+def k2_style_config(config: dict) -> dict:
+    """The same config as Kimi ships it: model_type kimi_k2 with legacy rope_theta + rope_scaling."""
+    c = {k: v for k, v in config.items() if k not in ("rope_parameters", "head_dim", "qk_head_dim")}
+    c["model_type"] = "kimi_k2"
+    rp = dict(config["rope_parameters"])
+    c["rope_theta"] = rp.pop("rope_theta")
+    rtype = rp.pop("rope_type")
+    if rtype == "yarn":
+        c["rope_scaling"] = {**rp, "type": "yarn"}
+    return c
+
+
+def write_checkpoint(
+    out: Path, state: dict, config: dict, fp8: bool = False, shards: int = 1, style: str = "k2"
+) -> Path:
+    cfg = dict(config)
+    if fp8:
+        cfg["quantization_config"] = FP8_QUANTIZATION_CONFIG
+    return save_checkpoint(out, cfg, dict(release_tensors(state, fp8=fp8)) if fp8 else state, shards, style)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """(transformers model, per-expert state, config dict) of the default tiny model."""
+    model = make_hf_model()
+    state, config = hf_state_and_config(model, tmp_path_factory.mktemp("tiny"))
+    return model, state, config
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8_dir(tiny_hf, tmp_path_factory) -> Path:
+    _, state, config = tiny_hf
+    return write_checkpoint(
+        tmp_path_factory.mktemp("fp8") / "ckpt", state, k2_style_config(config), fp8=True, shards=12
+    )
