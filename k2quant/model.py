@@ -302,3 +302,18 @@ def open_model(
     model = K2Model(ckpt.config, CheckpointWeights(ckpt, device, dtype, cache=resident))
     model.checkpoint = ckpt
     return model
+
+
+@torch.no_grad()
+def generate(model: K2Model, prompt: list[int], max_new_tokens: int, stop: tuple[int, ...] = ()) -> list[int]:
+    """Greedy decoding with the compressed-latent KV cache; returns the new token ids."""
+    cache = MLACache()
+    logits = model.forward(torch.tensor([prompt], dtype=torch.long), cache)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = int(logits[0, -1].argmax())
+        if nxt in stop:
+            break
+        out.append(nxt)
+        logits = model.forward(torch.tensor([[nxt]], dtype=torch.long), cache)
+    return out

@@ -115,3 +115,15 @@ def tiny_fp8_dir(tiny_hf, tmp_path_factory) -> Path:
     return write_checkpoint(
         tmp_path_factory.mktemp("fp8") / "ckpt", state, k2_style_config(config), fp8=True, shards=12
     )
+
+
+@pytest.fixture(scope="session")
+def mini_k2(tmp_path_factory):
+    """mini-K2 built once per session (a few minutes on 2 cores); $K2QUANT_HOME reuses a cached build."""
+    import os
+
+    from k2quant import minik2
+
+    root = minik2.default_dir() if os.environ.get("K2QUANT_HOME") else tmp_path_factory.mktemp("minik2") / "mini-k2"
+    info = minik2.build(root, echo=lambda s: None, progress=False)
+    return {"info": info, "fp8": Path(info["fp8"]), "bf16": Path(info["bf16"])}
