@@ -164,3 +164,54 @@ def read_bytes(info: TensorInfo) -> bytes:
     if len(data) != info.nbytes:
         raise CheckpointError("short read: file truncated", str(info.file), info.name)
     return data
+
+
+class SafetensorsWriter:
+    """Writes one .safetensors file tensor by tensor, with the header fixed up front.
+
+    The header is computed from the planned (name, dtype, shape) entries, so tensors can be
+    produced and written one at a time and never held together. Data goes to `<path>.tmp`,
+    renamed to `path` by `close()` only when every planned tensor was written.
+    """
+
+    def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):  # fmt: skip
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+        self.expected: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
+        offset = 0
+        for name, dtype, shape in entries:
+            n = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self.expected.append((name, dtype, tuple(shape), n))
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        self.size = 8 + len(raw) + offset
+        self._f = open(self.tmp, "wb")
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want, dtype, shape, n = self.expected[self._next]
+        if name != want or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{self.path}: expected {want} {dtype} {list(shape)}, got {name} "
+                             f"{tensor.dtype} {list(tensor.shape)}")  # fmt: skip
+        t = tensor.detach().contiguous().cpu()
+        self._f.write(t.view(torch.uint8).numpy().tobytes() if n else b"")
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.expected):
+            self.abort()
+            raise ValueError(f"{self.path}: closed after {self._next} of {len(self.expected)} tensors")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self.tmp.unlink(missing_ok=True)

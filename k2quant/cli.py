@@ -55,6 +55,102 @@ def demo(out: str) -> None:
 
 
 @main.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--to",
+    "target",
+    type=click.Choice(["safetensors"]),
+    default="safetensors",
+    show_default=True,
+    help="Output format: compressed-tensors packed safetensors.",
+)
+@click.option("--preset", help="k2-int4 (routed experts int4-g32, rest as in the source), int4-all, fp8.")
+@click.option("--recipe", "recipe_file", type=click.Path(exists=True, dir_okay=False), help="TOML recipe file.")
+@click.option(
+    "--override",
+    "overrides",
+    multiple=True,
+    metavar="PATTERN=SCHEME",
+    help="Regex on module names -> scheme (int4-g32|64|128[-asym|-r7], fp8-block, bf16, keep); repeatable.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["mse", "rtn"]),
+    default="mse",
+    show_default=True,
+    help="int4 scale choice: mse (error-minimizing clipping search) or rtn (plain round-to-nearest).",
+)
+@click.option("--workers", type=int, default=1, show_default=True, help="Shards converted in parallel.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted conversion in OUT.")
+@click.option(
+    "--transformers-config",
+    is_flag=True,
+    help="Write model_type deepseek_v3 so transformers loads OUT without remote code.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def convert(src, out, target, preset, recipe_file, overrides, method, workers, resume, transformers_config, as_json):
+    """Quantize SRC (a K2 / DeepSeek-V3 checkpoint) into OUT, streaming shard by shard.
+
+    Source tensors already in the target form (FP8 block -> fp8-block, K2-Thinking
+    INT4 g32 -> int4-g32) are repacked bit-exactly, never requantized. OUT must be
+    empty or new; an interrupted run is finished with --resume.
+
+    \b
+    Examples:
+      k2quant convert Kimi-K2-Instruct k2-int4 --to safetensors --preset k2-int4
+      k2quant convert Kimi-K2-Instruct k2-mixed --preset k2-int4 \\
+          --override 'layers\\.(1|2|3)\\.mlp\\.experts\\.=fp8-block' --workers 2
+      k2quant convert Kimi-K2-Instruct k2-int4 --preset k2-int4 --resume
+    """
+    from .convert import convert as run_convert
+    from .convert import format_summary
+    from .recipe import build_recipe
+
+    recipe = build_recipe(preset, recipe_file, list(overrides))
+    summary = run_convert(src, out, recipe, method=method, workers=workers, resume=resume,
+                          transformers_config=transformers_config, progress=not as_json)  # fmt: skip
+    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+
+@main.command()
+@click.argument("ref", type=click.Path(exists=True, file_okay=False))
+@click.argument("cand", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--data",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Evaluation text (.txt, .jsonl) or token ids (.npy, .json); repeatable.",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report directory.")
+@click.option("--ctx", default=512, show_default=True, help="Tokens per chunk (the second half is scored).")
+@click.option("--chunks", type=int, default=None, help="Use at most this many chunks.")
+@click.option("--batch", default=4, show_default=True, help="Chunks evaluated together.")
+@click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the summary.")
+def diff(ref, cand, data, out, ctx, chunks, batch, as_json):
+    """Accuracy diff of CAND against REF: KLD, perplexity, top-1, per layer, tensor and expert.
+
+    Both models run layer-streamed, so neither has to fit in RAM. Statistics follow
+    llama-perplexity --kl-divergence. Writes metrics.json, report.md and report.html.
+
+    \b
+    Example:
+      k2quant diff Kimi-K2-Instruct K2-int4 --data wiki.test.raw --out diff-int4 --ctx 512 --chunks 100
+    """
+    from .report.diff import run_diff
+    from .report.render import terminal_summary, write_report
+
+    m = run_diff(ref, cand, list(data), ctx=ctx, chunks=chunks, batch=batch, progress=not as_json)
+    paths = write_report(m, out)
+    if as_json:
+        click.echo(paths["metrics"].read_text())
+    else:
+        click.echo(terminal_summary(m))
+        click.echo(f"wrote {paths['metrics']}, {paths['markdown']}, {paths['html']}")
+
+
+@main.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def inspect(path: str, as_json: bool) -> None:

@@ -8,17 +8,20 @@ copy, and reused on later runs. Each step prints what it produced and where.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
-
-import torch
 
 from k2quant.calib.datasets import bundled_texts
 from k2quant.formats.tokenizer import load_tokenizer
 
 from . import minik2
+from .convert import convert, format_summary
 from .inspect import format_inspect, inspect_checkpoint
 from .model import generate, open_model
+from .recipe import build_recipe
+from .report.diff import run_diff
+from .report.render import terminal_summary, write_report
 
 
 def run(out: str | Path, echo=print) -> dict:
@@ -35,19 +38,32 @@ def run(out: str | Path, echo=print) -> dict:
     echo("\n== 2. k2quant inspect")
     echo(format_inspect(inspect_checkpoint(fp8)))
 
-    echo("\n== 3. the K2 forward, layer-streamed: FP8 release against its BF16 copy on held-out text")
-    tok = load_tokenizer(fp8)
-    text = bundled_texts()["en_prose.txt"]
-    ids = torch.tensor([tok.encode(text[-2000:])[:256]])
-    ref = open_model(bf16).logits(ids)
-    cand = open_model(fp8).logits(ids)
-    kld = torch.nn.functional.kl_div(cand.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none")
-    kld = kld.sum(-1)
-    top1 = (ref.argmax(-1) == cand.argmax(-1)).float().mean().item()
-    echo(f"   {ids.numel()} tokens: mean KLD {kld.mean().item():.5f}, top-1 agreement {top1:.1%}")
+    echo("\n== 3. k2quant convert --to safetensors --preset k2-int4 (routed experts INT4 g32, as K2-Thinking)")
+    int4 = out / "mini-k2-int4"
+    if not (int4 / "model.safetensors.index.json").exists():
+        shutil.rmtree(int4, ignore_errors=True)
+        conv = convert(fp8, int4, build_recipe("k2-int4"), transformers_config=True, progress=False)
+        echo(format_summary(conv))
+    else:
+        echo(f"   reusing {int4}")
 
-    echo("\n== 4. greedy generation from the FP8 model (KV cache of compressed latents)")
-    model = open_model(fp8, resident=True)
+    # held-out text: the tail of the bundled prose, which mini-K2 did not train on
+    data = out / "heldout.txt"
+    texts = bundled_texts()
+    data.write_text(texts["en_prose.txt"][-3000:] + texts["zh_prose.txt"][-1000:], encoding="utf-8")
+    results = {}
+    for step, (name, cand) in enumerate((("fp8", fp8), ("int4", int4)), start=4):
+        echo(f"\n== {step}. k2quant diff: {name} against the BF16 reference (layer-streamed)")
+        m = run_diff(bf16, cand, [data], ctx=128, progress=False)
+        paths = write_report(m, out / f"diff-{name}")
+        echo("   " + terminal_summary(m).replace("\n", "\n   "))
+        echo(f"   report: {paths['html']}")
+        results[name] = {k: m[k] for k in ("tokens", "top1_agreement")} | {"mean_kld": m["kld"]["mean"],
+                                                                           "ppl_ratio": m["ppl"]["ratio"]}  # fmt: skip
+
+    tok = load_tokenizer(fp8)
+    echo("\n== 6. greedy generation from the INT4 model (KV cache of compressed latents)")
+    model = open_model(int4, resident=True)
     prompt = "def read_config(path):\n"
     new = generate(model, tok.encode(prompt), 40, stop=(tok.eos_id,))
     echo("   " + (prompt + tok.decode(new)).replace("\n", "\n   "))
@@ -57,7 +73,9 @@ def run(out: str | Path, echo=print) -> dict:
         "bf16": str(bf16),
         "params": info["params"],
         "heldout_ppl_trained": info["heldout_ppl_after"],
-        "fp8_vs_bf16": {"tokens": ids.numel(), "mean_kld": kld.mean().item(), "top1_agreement": top1},
+        "int4": str(int4),
+        "fp8_vs_bf16": results["fp8"],
+        "int4_vs_bf16": results["int4"],
         "seconds": round(time.time() - t0, 1),
     }
     echo("\n== summary\n" + json.dumps(summary, indent=2))

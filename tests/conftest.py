@@ -12,6 +12,15 @@ from safetensors.torch import load_file
 from k2quant.formats.hf import save_checkpoint
 from k2quant.release import FP8_QUANTIZATION_CONFIG, release_tensors
 
+# a small K2 for synthetic checkpoints (every shape valid, not every width a multiple of 256)
+SMALL = dict(
+    vocab_size=512, hidden_size=256, intermediate_size=384, moe_intermediate_size=128, num_hidden_layers=3,
+    num_attention_heads=2, num_key_value_heads=2, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
+    qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2,
+)  # fmt: skip
+MEMORY_DIMS = dict(SMALL, hidden_size=1024, moe_intermediate_size=512, intermediate_size=1024, n_routed_experts=16,
+                   vocab_size=2048)  # fmt: skip
+
 TINY = dict(
     vocab_size=512,
     hidden_size=256,
@@ -127,3 +136,33 @@ def mini_k2(tmp_path_factory):
     root = minik2.default_dir() if os.environ.get("K2QUANT_HOME") else tmp_path_factory.mktemp("minik2") / "mini-k2"
     info = minik2.build(root, echo=lambda s: None, progress=False)
     return {"info": info, "fp8": Path(info["fp8"]), "bf16": Path(info["bf16"])}
+
+
+@pytest.fixture(scope="session")
+def two_sizes(tmp_path_factory) -> list[Path]:
+    """The same synthetic FP8 model with 2 and with 10 layers (about 37 MB and 243 MB): for memory tests."""
+    from k2quant.synthetic import k2_config_dict, write_synthetic_checkpoint
+
+    root = tmp_path_factory.mktemp("sizes")
+    return [write_synthetic_checkpoint(root / f"l{n}", k2_config_dict(**{**MEMORY_DIMS, "num_hidden_layers": n}), n)
+            for n in (2, 10)]  # fmt: skip
+
+
+def assert_peak_rss_independent_of_size(two_sizes: list[Path], script: str, tmp: Path) -> list[int]:
+    """Run `script SRC TMP/x` in a fresh process on both sizes; its last output line is its peak RSS.
+
+    The larger model may cost at most a quarter of its extra bytes: holding it (even only its
+    stored bytes) would cost all of them, dequantized four times as much; the quarter leaves room
+    for the allocator's run-to-run noise (about 30 MB on these sizes)."""
+    import subprocess
+    import sys
+
+    peaks, sizes = [], []
+    for i, src in enumerate(two_sizes):
+        sizes.append(sum(p.stat().st_size for p in src.glob("*.safetensors")))
+        r = subprocess.run([sys.executable, "-c", script, str(src), str(tmp / f"run{i}")], capture_output=True,
+                           text=True, check=True)  # fmt: skip
+        peaks.append(int(r.stdout.split()[-1]))
+    assert sizes[1] > 4 * sizes[0]
+    assert peaks[1] - peaks[0] < 0.25 * (sizes[1] - sizes[0]), (peaks, sizes)
+    return peaks

@@ -102,3 +102,13 @@ def test_training_is_deterministic():
     train(cfg, a, stream, progress=False, steps=2)
     train(cfg, b, stream, progress=False, steps=2)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_demo_runs_end_to_end(mini_k2):
+    from k2quant.demo import run
+
+    lines: list[str] = []
+    summary = run(mini_k2["fp8"].parent.parent, echo=lines.append)
+    text = "\n".join(lines)
+    assert "mini-K2: reusing" in text and "routed_experts" in text and "def read_config(path):" in text
+    assert summary["fp8_vs_bf16"]["top1_agreement"] > 0.9 and summary["int4_vs_bf16"]["top1_agreement"] > 0.9

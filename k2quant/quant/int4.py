@@ -9,20 +9,32 @@ and transformers compute from the same file.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int8 values in [-8, 7], [rows, cols] -> int32 [rows, ceil(cols / 8)], packed along dim 1."""
+    """int8 values in [-8, 7], [rows, cols] -> int32 [rows, ceil(cols / 8)], packed along dim 1.
+
+    Two nibbles per byte (element 0 low), four bytes per little-endian int32: the same bits
+    as compressed-tensors' pack_to_int32, with byte-wide operations only.
+    """
     if q.dtype != torch.int8:
         raise TypeError(f"pack_int4 expects int8 values, got {q.dtype}")
     rows, cols = q.shape
-    nib = (q.to(torch.int32) + 8) & 0xF
-    nib = torch.nn.functional.pad(nib, (0, -cols % 8)).view(rows, -1, 8)
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    words = (nib << shifts).sum(dim=-1, dtype=torch.int64)
-    # values above 2^31 wrap to the negative int32 with the same bits
+    nib = (q + 8).view(torch.uint8)  # two's complement: q + 8 is in 0..15
+    if cols % 8:
+        nib = torch.nn.functional.pad(nib, (0, -cols % 8))
+    packed = nib[:, 0::2] | (nib[:, 1::2] << 4)
+    return packed.contiguous().view(torch.int32) if _LITTLE_ENDIAN else _words_from_bytes(packed)
+
+
+def _words_from_bytes(b: torch.Tensor) -> torch.Tensor:
+    w = b.to(torch.int64).view(b.shape[0], -1, 4)
+    words = w[..., 0] | (w[..., 1] << 8) | (w[..., 2] << 16) | (w[..., 3] << 24)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
@@ -53,3 +65,92 @@ def dequantize_int4(
         zp = unpack_int4(zero_point.t().contiguous(), rows).t()
         vals = vals - zp.to(scale.dtype).repeat_interleave(group_size, dim=1)[:, :cols]
     return (vals * scale.repeat_interleave(group_size, dim=1)[:, :cols]).to(torch.float32)
+
+
+# ---------------------------------------------------------------------------- quantize
+CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(7))  # 1.00 .. 0.70 of the group's range
+ROW_CHUNK = 1024  # rows quantized at a time: bounds the scale-search temporaries
+
+
+def quantize_int4(
+    w: torch.Tensor,
+    group_size: int = 32,
+    symmetric: bool = True,
+    qmax: int = 8,
+    importance: torch.Tensor | None = None,
+    search: bool = True,
+    scale_dtype: torch.dtype = torch.bfloat16,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Group-wise INT4 of w [out, in] -> (q int8 [out, in], scale [out, groups], zero_point int8 | None).
+
+    Symmetric: q in [-8, 7] for qmax=8 (the full grid; scale = clip * amax / 7.5), or
+    [-7, 7] with qmax=7 (K2-Thinking's QAT grid; scale = clip * amax / 7). Asymmetric: q in [-8, 7] with an
+    int zero point. With `search`, each group tries clipping ratios and keeps the one with
+    the least squared error, weighted per input channel by `importance` (e.g. an imatrix:
+    the mean squared activation) when given. Scales are rounded to `scale_dtype` before q
+    is computed, so dequantize(q) is exactly what a reader of the file computes.
+    """
+    rows, cols = w.shape
+    if cols % group_size:
+        raise ValueError(f"input width {cols} is not a multiple of group size {group_size}")
+    if importance is not None and importance.shape != (cols,):
+        raise ValueError(f"importance has shape {list(importance.shape)}, expected [{cols}]")
+    q_out = torch.empty(rows, cols, dtype=torch.int8)
+    s_out = torch.empty(rows, cols // group_size, dtype=scale_dtype)
+    z_out = None if symmetric else torch.empty(rows, cols // group_size, dtype=torch.int8)
+    imp = None if importance is None else importance.to(torch.float32).view(1, -1, group_size)
+    ratios = CLIP_RATIOS if search else (1.0,)
+    for r0 in range(0, rows, ROW_CHUNK):
+        g = w[r0 : r0 + ROW_CHUNK].to(torch.float32).view(-1, cols // group_size, group_size)
+        best_err = best_q = best_s = best_z = None
+        for ratio in ratios:
+            q, s, z = _int4_candidate(g, ratio, symmetric, qmax, scale_dtype)
+            if len(ratios) == 1:
+                best_q, best_s, best_z = q, s, z
+                break
+            deq = q.to(torch.float32)
+            if z is not None:
+                deq -= z.to(torch.float32)[..., None]
+            err = (deq.mul_(s.to(torch.float32)[..., None]) - g).square_()
+            err = (err * imp if imp is not None else err).sum(-1)
+            if best_err is None:
+                best_err, best_q, best_s, best_z = err, q, s, z
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_q = torch.where(better[..., None], q, best_q)
+            best_s = torch.where(better, s, best_s)
+            if z is not None:
+                best_z = torch.where(better, z, best_z)
+        n = best_q.shape[0]
+        q_out[r0 : r0 + n] = best_q.view(n, cols)
+        s_out[r0 : r0 + n] = best_s
+        if z_out is not None:
+            z_out[r0 : r0 + n] = best_z
+    return q_out, s_out, z_out
+
+
+def _int4_candidate(g: torch.Tensor, ratio: float, symmetric: bool, qmax: int, scale_dtype: torch.dtype):
+    if symmetric:
+        lo, hi = torch.aminmax(g, dim=-1)
+        amax = torch.maximum(hi, lo.neg_())
+        if ratio != 1.0:
+            amax *= ratio
+        # full grid: amax / 7.5 as compressed-tensors' minmax observer; the +-7 grid: amax / 7
+        s = amax.div_(7.5 if qmax == 8 else float(qmax)).to(scale_dtype)
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        q = torch.div(g, s.to(torch.float32)[..., None]).round_().clamp_(-qmax, 7)
+        return q.to(torch.int8), s, None
+    lo = g.amin(-1).clamp(max=0) * ratio
+    hi = g.amax(-1).clamp(min=0) * ratio
+    s = ((hi - lo) / 15).to(scale_dtype)
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    sf = s.to(torch.float32)
+    z = (-8 - torch.round(lo / sf)).clamp(-8, 7)
+    q = torch.div(g, sf[..., None]).round_().add_(z[..., None]).clamp_(-8, 7)
+    return q.to(torch.int8), s, z.to(torch.int8)
+
+
+def pack_zero_point(z: torch.Tensor) -> torch.Tensor:
+    """int8 zero points [out, groups] -> int32 packed along dim 0 [ceil(out / 8), groups], as compressed-tensors."""
+    return pack_int4(z.t().contiguous()).t().contiguous()

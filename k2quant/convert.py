@@ -1,0 +1,402 @@
+"""The streaming conversion pipeline: plan, then shard by shard, resumable.
+
+Every output tensor (name, scheme, dtype, shape, bytes, file) is planned before anything
+is written; the plan's fingerprint guards `--resume`. Output shard i holds what source
+shard i held, so shards convert independently (in parallel with --workers) and peak
+memory is one tensor group per worker. Each shard is written to a temporary file and
+renamed when complete; a journal records finished shards; config.json, the small files
+and, last, the index are written only when every shard is done, so an interrupted or
+failed conversion never looks complete. Output bytes depend only on the inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from k2quant.formats.hf import write_json
+from k2quant.formats.packed import quantization_config
+from k2quant.formats.safetensors_file import DTYPE_NAMES, DTYPES, SafetensorsWriter
+
+from .checkpoint import INDEX_FILE, Checkpoint, LogicalTensor, open_checkpoint
+from .errors import K2QuantError
+from .names import parse_name
+from .quant.schemes import Scheme, parse_scheme
+from .recipe import LINEAR_COMPONENTS, Recipe, RecipeError
+
+JOURNAL = ".k2quant-convert.journal.json"
+SUMMARY = "k2quant_convert.json"
+FORMAT_VERSION = 1
+
+
+class ConvertError(K2QuantError):
+    pass
+
+
+@dataclass
+class PlannedTensor:
+    name: str  # logical name in the source
+    component: str
+    scheme: str  # resolved scheme of the output ("keep" for unquantized copies)
+    action: str  # "copy" (bit-exact) or "quantize"
+    outputs: list[tuple[str, str, list[int]]]  # (output tensor name, safetensors dtype, shape)
+    source_parts: dict[str, str] = field(default_factory=dict)  # copies: output tensor name -> source part
+    params: int = 0
+    nbytes: int = 0
+    source_bytes: int = 0
+
+
+@dataclass
+class PlannedShard:
+    file: str
+    tensors: list[PlannedTensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(t.source_bytes for t in self.tensors)
+
+
+@dataclass
+class Plan:
+    source: str
+    recipe: dict
+    method: str
+    shards: list[PlannedShard]
+    quantization_config: dict
+
+    def fingerprint(self) -> str:
+        blob = json.dumps({"v": FORMAT_VERSION, "plan": asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def tensors(self) -> list[PlannedTensor]:
+        return [t for s in self.shards for t in s.tensors]
+
+
+# ---------------------------------------------------------------------------- planning
+def _module(name: str) -> str:
+    return name.removesuffix(".weight")
+
+
+def _source_int4_scheme(lt: LogicalTensor) -> Scheme:
+    g = lt.shape[1] // lt.parts["weight_scale"].shape[1]
+    return parse_scheme(f"int4-g{g}" + ("-asym" if "weight_zero_point" in lt.parts else ""))
+
+
+def _resolve(name: str, lt: LogicalTensor, scheme: Scheme) -> tuple[Scheme, str]:
+    """(effective scheme, 'copy' | 'quantize'): repack bit-exactly whenever the source is already the target."""
+    fp8_source = lt.format in ("fp8_block", "fp8_scaled") and lt.block == (128, 128)
+    if scheme.kind == "keep":
+        if lt.format == "dense":
+            return scheme, "copy"
+        if fp8_source:
+            return parse_scheme("fp8-block"), "copy"
+        if lt.format == "int4_pack":
+            return _source_int4_scheme(lt), "copy"
+        return parse_scheme("fp8-block"), "quantize"  # per-channel / odd-block FP8: requantize to 128x128
+    why = scheme.applies_to(lt.shape)
+    if why:
+        raise RecipeError(f"tensor '{name}': scheme {scheme.name} does not apply: {why}")
+    if scheme.kind == "int4" and lt.format == "int4_pack":
+        src = _source_int4_scheme(lt)
+        if (src.group_size, src.symmetric) == (scheme.group_size, scheme.symmetric):
+            return scheme, "copy"
+    if scheme.kind == "fp8" and fp8_source:
+        return scheme, "copy"
+    if scheme.kind == "bf16" and lt.format == "dense" and next(iter(lt.parts.values())).dtype == torch.bfloat16:
+        return scheme, "copy"
+    return scheme, "quantize"
+
+
+def plan_conversion(ck: Checkpoint, recipe: Recipe, method: str = "mse") -> Plan:
+    n = len(ck.shards)
+    shards = [PlannedShard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", []) for i in range(n)]
+    schemes: dict[str, Scheme] = {}
+    assignment: dict[str, str] = {}
+    linears: list[str] = []
+    for name in ck.names():
+        if name in ck.extra:
+            continue  # not part of the model (e.g. rotary inv_freq, MTP layers)
+        lt = ck.info(name)
+        ni = parse_name(name)
+        scheme, action = _resolve(name, lt, recipe.scheme_for(name))
+        mod = _module(name)
+        pt = PlannedTensor(name, ni.component, scheme.name, action, [], params=lt.numel, source_bytes=lt.stored_bytes)
+        if scheme.kind in ("int4", "fp8"):
+            if action == "copy":
+                for suffix in sorted(lt.parts, key=_part_order):
+                    # DeepSeek's weight_scale_inv is compressed-tensors' weight_scale: same numbers, new name
+                    out_name = f"{mod}.{'weight_scale' if suffix == 'weight_scale_inv' else suffix}"
+                    info = lt.parts[suffix]
+                    pt.outputs.append((out_name, DTYPE_NAMES[info.dtype], list(info.shape)))
+                    pt.source_parts[out_name] = suffix
+            else:
+                probe = scheme.quantize(torch.zeros(_probe_shape(scheme, lt.shape)))
+                for suffix in sorted(probe, key=_part_order):
+                    shape = _scaled_shape(suffix, scheme, lt.shape, probe[suffix])
+                    pt.outputs.append((f"{mod}.{suffix}", DTYPE_NAMES[probe[suffix].dtype], shape))
+        else:
+            (suffix, info), = lt.parts.items()  # fmt: skip
+            dtype = info.dtype if action == "copy" else torch.bfloat16
+            pt.outputs.append((name, DTYPE_NAMES[dtype], list(lt.shape)))
+            pt.source_parts[name] = suffix
+        pt.nbytes = sum(_nbytes(d, s) for _, d, s in pt.outputs)
+        schemes[scheme.name] = scheme
+        if ni.component in LINEAR_COMPONENTS:
+            linears.append(mod)
+            assignment[mod] = scheme.name
+        shards[lt.shard].tensors.append(pt)
+    shards = [s for s in shards if s.tensors]
+    for i, s in enumerate(shards):
+        s.file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    qc = quantization_config(schemes, assignment, linears) if any(s.ct_format for s in schemes.values()) else {}
+    return Plan(str(ck.path), recipe.describe(), method, shards, qc)
+
+
+_ORDER = ("weight", "weight_packed", "weight_scale", "weight_scale_inv", "weight_zero_point", "weight_shape")
+
+
+def _part_order(suffix: str) -> int:
+    return _ORDER.index(suffix) if suffix in _ORDER else len(_ORDER)
+
+
+def _probe_shape(scheme: Scheme, shape) -> tuple[int, int]:
+    """A small stand-in with the same column structure, to learn part dtypes without real work."""
+    return (8, scheme.group_size) if scheme.kind == "int4" else (1, 1)
+
+
+def _scaled_shape(suffix: str, scheme: Scheme, shape, probe: torch.Tensor) -> list[int]:
+    rows, cols = shape
+    if scheme.kind == "int4":
+        g = cols // scheme.group_size
+        return {
+            "weight_packed": [rows, (cols + 7) // 8],
+            "weight_scale": [rows, g],
+            "weight_shape": [2],
+            "weight_zero_point": [(rows + 7) // 8, g],
+        }[suffix]
+    return {"weight": [rows, cols], "weight_scale": [(rows + 127) // 128, (cols + 127) // 128]}[suffix]
+
+
+def _nbytes(dtype: str, shape: list[int]) -> int:
+    n = DTYPES[dtype].itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
+# ---------------------------------------------------------------------------- execution
+def convert_shard(src: str, out: str, shard: dict, method: str, progress_q=None, threads: int | None = None) -> dict:
+    """Write one planned output shard. Runs in the main process or a worker (arguments are plain data)."""
+    if threads:
+        torch.set_num_threads(threads)
+    ck = open_checkpoint(src)
+    tensors = [PlannedTensor(**t) for t in shard["tensors"]]
+    entries = [(o[0], DTYPES[o[1]], tuple(o[2])) for t in tensors for o in t.outputs]
+    writer = SafetensorsWriter(Path(out) / shard["file"], entries)
+    t0 = time.time()
+    try:
+        for t in tensors:
+            for name, tensor in _produce(ck, t, method):
+                writer.write(name, tensor)
+            if progress_q is not None:
+                progress_q.put(t.source_bytes)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return {"file": shard["file"], "bytes": writer.size, "seconds": time.time() - t0}
+
+
+def _produce(ck: Checkpoint, t: PlannedTensor, method: str):
+    """(output name, tensor) pairs for one planned tensor, in planned order."""
+    if t.action == "copy":
+        stored = ck.stored(t.name)
+        for out_name, _, _ in t.outputs:
+            yield out_name, stored.parts[t.source_parts[out_name]]
+        return
+    scheme = parse_scheme(t.scheme)
+    w = ck.tensor(t.name)
+    if scheme.kind in ("bf16", "keep"):
+        yield t.name, w.to(torch.bfloat16)
+        return
+    parts = scheme.quantize(w, search=method == "mse")
+    mod = _module(t.name)
+    for out_name, _, _ in t.outputs:
+        yield out_name, parts[out_name[len(mod) + 1 :]]
+
+
+def _prepare_out(out: Path, fingerprint: str, resume: bool) -> dict[str, int]:
+    """Check the output directory; return the journal's finished shards (file -> size)."""
+    journal = out / JOURNAL
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out}: exists and is not a directory")
+    entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if journal.exists():
+        data = json.loads(journal.read_text())
+        if not resume:
+            raise ConvertError(f"{out}: holds an unfinished conversion; pass --resume to finish it")
+        if data.get("fingerprint") != fingerprint:
+            raise ConvertError(f"{out}: the unfinished conversion there used other inputs or settings; "
+                               "start again in an empty directory")  # fmt: skip
+        done = {f: size for f, size in data.get("done", {}).items() if (out / f).is_file()
+                and (out / f).stat().st_size == size}  # fmt: skip
+        for p in out.glob("*.tmp"):
+            p.unlink()
+        return done
+    if entries:
+        if (out / INDEX_FILE).exists() and (out / SUMMARY).exists():
+            raise ConvertError(f"{out}: already holds a finished conversion")
+        raise ConvertError(f"{out}: is not empty and was not created by k2quant convert")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(journal, {"fingerprint": fingerprint, "done": {}})
+    return {}
+
+
+def _record(out: Path, fingerprint: str, done: dict[str, int]) -> None:
+    write_json(out / JOURNAL, {"fingerprint": fingerprint, "done": dict(sorted(done.items()))})
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    recipe: Recipe,
+    *,
+    method: str = "mse",
+    workers: int = 1,
+    resume: bool = False,
+    transformers_config: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Convert a checkpoint to compressed-tensors safetensors in `out`; returns the summary."""
+    if method not in ("mse", "rtn"):
+        raise ConvertError(f"unknown method {method!r} (mse or rtn)")
+    t0 = time.time()
+    src, out = Path(src), Path(out)
+    ck = open_checkpoint(src)
+    plan = plan_conversion(ck, recipe, method)
+    fp = plan.fingerprint()
+    done = _prepare_out(out, fp, resume)
+    todo = [s for s in plan.shards if s.file not in done]
+    total = sum(s.source_bytes for s in plan.shards)
+    bar = tqdm(total=total, initial=total - sum(s.source_bytes for s in todo), unit="B", unit_scale=True,
+               unit_divisor=1024, desc="converting", disable=not progress, smoothing=0.1)  # fmt: skip
+    if workers <= 1:
+        q = _BarQueue(bar)
+        for s in todo:
+            r = convert_shard(str(src), str(out), asdict(s), method, q)
+            done[r["file"]] = r["bytes"]
+            _record(out, fp, done)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        ctx = get_context("spawn")
+        with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            q = manager.Queue()
+            futures = [pool.submit(convert_shard, str(src), str(out), asdict(s), method, q, threads) for s in todo]
+            pending = set(futures)
+            while pending:
+                try:
+                    bar.update(q.get(timeout=0.2))
+                except queue.Empty:
+                    pass
+                for f in [f for f in pending if f.done()]:
+                    pending.discard(f)
+                    r = f.result()  # re-raises a worker's error
+                    done[r["file"]] = r["bytes"]
+                    _record(out, fp, done)
+            while not q.empty():
+                bar.update(q.get())
+    bar.close()
+    return _finish(ck, plan, out, fp, transformers_config, time.time() - t0)
+
+
+class _BarQueue:
+    def __init__(self, bar):
+        self.bar = bar
+
+    def put(self, n: int) -> None:
+        self.bar.update(n)
+
+
+def _finish(ck: Checkpoint, plan: Plan, out: Path, fp: str, transformers_config: bool, seconds: float) -> dict:
+    cfg = dict(ck.config.raw)
+    if plan.quantization_config:
+        cfg["quantization_config"] = plan.quantization_config
+    else:
+        cfg.pop("quantization_config", None)
+    if transformers_config:
+        # transformers reads model_type kimi_k2 only with remote code; K2's deploy guide sets deepseek_v3
+        cfg["model_type"] = "deepseek_v3"
+        cfg.pop("auto_map", None)
+    write_json(out / "config.json", cfg)
+    for p in sorted(ck.path.iterdir()):
+        if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", INDEX_FILE) \
+                and not p.name.startswith(".") and p.stat().st_size < 256 * 2**20:  # fmt: skip
+            shutil.copyfile(p, out / p.name)
+    weight_map = {o[0]: s.file for s in plan.shards for t in s.tensors for o in t.outputs}
+    total = sum(t.nbytes for t in plan.tensors)
+    summary = _summary(plan, out, seconds)
+    write_json(out / SUMMARY, summary)
+    write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    (out / JOURNAL).unlink()
+    return summary
+
+
+def _summary(plan: Plan, out: Path, seconds: float) -> dict:
+    comps: dict[str, dict] = {}
+    for t in plan.tensors:
+        c = comps.setdefault(t.component, {"params": 0, "bytes": 0, "schemes": {}})
+        c["params"] += t.params
+        c["bytes"] += t.nbytes
+        c["schemes"][t.scheme] = c["schemes"].get(t.scheme, 0) + t.params
+    for c in comps.values():
+        c["bits_per_weight"] = round(8 * c["bytes"] / c["params"], 3)
+    params = sum(t.params for t in plan.tensors)
+    size = sum(t.nbytes for t in plan.tensors)
+    src = sum(t.source_bytes for t in plan.tensors)
+    return {
+        "source": plan.source,
+        "output": str(out),
+        "recipe": plan.recipe,
+        "method": plan.method,
+        "fingerprint": plan.fingerprint()[:16],
+        "shards": len(plan.shards),
+        "params": params,
+        "source_bytes": src,
+        "bytes": size,
+        "bits_per_weight": round(8 * size / params, 3),
+        "copied_bit_exact": sum(1 for t in plan.tensors if t.action == "copy"),
+        "quantized": sum(1 for t in plan.tensors if t.action == "quantize"),
+        "components": comps,
+        "seconds": round(seconds, 2),
+        "source_gb_per_s": round(src / max(seconds, 1e-9) / 1e9, 4),
+    }
+
+
+def format_summary(s: dict) -> str:
+    lines = [
+        f"wrote {s['output']}: {s['bytes'] / 1e9:.3f} GB in {s['shards']} shard(s), "
+        f"{s['bits_per_weight']:.2f} bits/weight (source {s['source_bytes'] / 1e9:.3f} GB)",
+        f"  {s['quantized']} tensors quantized, {s['copied_bit_exact']} copied bit-exactly; "
+        f"{s['seconds']:.1f} s, {s['source_gb_per_s']:.3f} GB/s of source",
+        f"  {'component':<16}{'params':>12}{'bpw':>8}  schemes",
+    ]
+    for name, c in s["components"].items():
+        schemes = ", ".join(f"{k}" for k in c["schemes"])
+        lines.append(f"  {name:<16}{c['params']:>12,}{c['bits_per_weight']:>8.2f}  {schemes}")
+    return "\n".join(lines)

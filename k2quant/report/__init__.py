@@ -1,0 +1,1 @@
+"""Accuracy diffs between a reference and a candidate model: metrics, collection, rendering."""
