@@ -47,3 +47,26 @@ def load_texts(paths: list[str | Path]) -> list[str]:
         text = p.read_text(encoding="utf-8")
         docs.extend(jsonl_documents(text, str(p)) if p.suffix == ".jsonl" else [text])
     return docs
+
+
+def bundled_documents() -> list[str]:
+    """The bundled calibration set as documents (prose files whole, each transcript its own document)."""
+    docs = []
+    root = resources.files("k2quant.calib") / "data"
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        text = entry.read_text(encoding="utf-8")
+        if entry.name.endswith(".jsonl"):
+            docs.extend(jsonl_documents(text, entry.name))
+        elif entry.name.endswith(".txt"):
+            docs.append(text)
+    return docs
+
+
+def sample_sequences(stream: list[int], n: int, ctx: int) -> list[list[int]]:
+    """n windows of ctx tokens spread evenly over the token stream (deterministic; windows overlap
+    when the stream is shorter than n * ctx)."""
+    if len(stream) < ctx:
+        raise ValueError(f"calibration text has {len(stream)} tokens, fewer than one sequence of {ctx}")
+    last = len(stream) - ctx
+    starts = [round(i * last / max(n - 1, 1)) for i in range(n)]
+    return [stream[s : s + ctx] for s in starts]

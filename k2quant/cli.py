@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -81,6 +82,17 @@ def demo(out: str) -> None:
     show_default=True,
     help="int4 scale choice: mse (error-minimizing clipping search) or rtn (plain round-to-nearest).",
 )
+@click.option(
+    "--imatrix",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Importance (imatrix GGUF from k2quant calibrate or llama.cpp) weighting the INT4 search.",
+)
+@click.option(
+    "--calib",
+    "calib_dir",
+    type=click.Path(exists=True, file_okay=False),
+    help="A k2quant calibrate output directory (uses its imatrix.gguf).",
+)
 @click.option("--workers", type=int, default=1, show_default=True, help="Shards converted in parallel.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted conversion in OUT.")
 @click.option(
@@ -89,7 +101,8 @@ def demo(out: str) -> None:
     help="Write model_type deepseek_v3 so transformers loads OUT without remote code.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def convert(src, out, target, preset, recipe_file, overrides, method, workers, resume, transformers_config, as_json):
+def convert(src, out, target, preset, recipe_file, overrides, method, imatrix, calib_dir, workers, resume,
+            transformers_config, as_json):  # fmt: skip
     """Quantize SRC (a K2 / DeepSeek-V3 checkpoint) into OUT, streaming shard by shard.
 
     Source tensors already in the target form (FP8 block -> fp8-block, K2-Thinking
@@ -108,9 +121,50 @@ def convert(src, out, target, preset, recipe_file, overrides, method, workers, r
     from .recipe import build_recipe
 
     recipe = build_recipe(preset, recipe_file, list(overrides))
-    summary = run_convert(src, out, recipe, method=method, workers=workers, resume=resume,
+    if calib_dir and not imatrix:
+        imatrix = str(Path(calib_dir) / "imatrix.gguf")
+    summary = run_convert(src, out, recipe, method=method, workers=workers, resume=resume, imatrix=imatrix,
                           transformers_config=transformers_config, progress=not as_json)  # fmt: skip
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--data",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Calibration text (.txt, .jsonl with text or chat messages); default: the bundled set.",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Where imatrix.gguf and hotness.json go.")
+@click.option("--tokens", default=65536, show_default=True, help="Calibration tokens (sequences x ctx).")
+@click.option("--ctx", default=512, show_default=True, help="Tokens per sequence.")
+@click.option(
+    "--min-expert-tokens",
+    default=0,
+    show_default=True,
+    help="Top up experts routed fewer tokens with their best-scoring other tokens (statistics only).",
+)
+@click.option("--batch", default=8, show_default=True, help="Sequences per attention batch.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def calibrate(src, data, out, tokens, ctx, min_expert_tokens, batch, as_json):
+    """Learn importance (imatrix) and expert hotness from calibration text, layer-streamed.
+
+    \b
+    Writes imatrix.gguf (llama.cpp's format: in_sum2 and counts per tensor, 3-D for the
+    experts), hotness.json (tokens routed, frequency, mean weight, top-ups per expert)
+    and calibration.json (coverage per layer).
+    \b
+    Examples:
+      k2quant calibrate Kimi-K2-Instruct --out calib --tokens 131072 --min-expert-tokens 64
+      k2quant convert Kimi-K2-Instruct K2-int4 --preset k2-int4 --calib calib
+    """
+    from .calibrate import calibrate as run_calibrate
+    from .calibrate import format_summary
+
+    s = run_calibrate(src, out, list(data) or None, tokens=tokens, ctx=ctx, min_expert_tokens=min_expert_tokens,
+                      batch=batch, progress=not as_json)  # fmt: skip
+    click.echo(json.dumps(s, indent=2) if as_json else format_summary(s))
 
 
 @main.command()

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from k2quant.formats.hf import write_json
+from k2quant.formats.imatrix import importance, read_imatrix
 from k2quant.formats.packed import quantization_config
 from k2quant.formats.safetensors_file import DTYPE_NAMES, DTYPES, SafetensorsWriter
 
@@ -78,9 +79,13 @@ class Plan:
     method: str
     shards: list[PlannedShard]
     quantization_config: dict
+    imatrix: str | None = None  # path of the importance file (sha256 in imatrix_sha256)
+    imatrix_sha256: str | None = None
 
     def fingerprint(self) -> str:
-        blob = json.dumps({"v": FORMAT_VERSION, "plan": asdict(self)}, sort_keys=True)
+        plan = asdict(self)
+        plan.pop("imatrix")  # the file's content counts, not where it lies
+        blob = json.dumps({"v": FORMAT_VERSION, "plan": plan}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     @property
@@ -201,18 +206,25 @@ def _nbytes(dtype: str, shape: list[int]) -> int:
 
 
 # ---------------------------------------------------------------------------- execution
-def convert_shard(src: str, out: str, shard: dict, method: str, progress_q=None, threads: int | None = None) -> dict:
+def convert_shard(
+    src: str, out: str, shard: dict, method: str, progress_q=None, threads: int | None = None,
+    imatrix: str | None = None,
+) -> dict:  # fmt: skip
     """Write one planned output shard. Runs in the main process or a worker (arguments are plain data)."""
     if threads:
         torch.set_num_threads(threads)
     ck = open_checkpoint(src)
     tensors = [PlannedTensor(**t) for t in shard["tensors"]]
+    imp = {}
+    if imatrix:
+        wanted = {_module(t.name) for t in tensors if t.action == "quantize"}
+        imp = importance(*read_imatrix(imatrix, wanted))
     entries = [(o[0], DTYPES[o[1]], tuple(o[2])) for t in tensors for o in t.outputs]
     writer = SafetensorsWriter(Path(out) / shard["file"], entries)
     t0 = time.time()
     try:
         for t in tensors:
-            for name, tensor in _produce(ck, t, method):
+            for name, tensor in _produce(ck, t, method, imp.get(_module(t.name))):
                 writer.write(name, tensor)
             if progress_q is not None:
                 progress_q.put(t.source_bytes)
@@ -223,7 +235,7 @@ def convert_shard(src: str, out: str, shard: dict, method: str, progress_q=None,
     return {"file": shard["file"], "bytes": writer.size, "seconds": time.time() - t0}
 
 
-def _produce(ck: Checkpoint, t: PlannedTensor, method: str):
+def _produce(ck: Checkpoint, t: PlannedTensor, method: str, imp: torch.Tensor | None = None):
     """(output name, tensor) pairs for one planned tensor, in planned order."""
     if t.action == "copy":
         stored = ck.stored(t.name)
@@ -235,7 +247,8 @@ def _produce(ck: Checkpoint, t: PlannedTensor, method: str):
     if scheme.kind in ("bf16", "keep"):
         yield t.name, w.to(torch.bfloat16)
         return
-    parts = scheme.quantize(w, search=method == "mse")
+    # the importance vector weights the clipping search; plain RTN has nothing to weight
+    parts = scheme.quantize(w, importance=imp if scheme.kind == "int4" else None, search=method == "mse")
     mod = _module(t.name)
     for out_name, _, _ in t.outputs:
         yield out_name, parts[out_name[len(mod) + 1 :]]
@@ -282,14 +295,27 @@ def convert(
     resume: bool = False,
     transformers_config: bool = False,
     progress: bool = True,
+    imatrix: str | Path | None = None,
 ) -> dict:
-    """Convert a checkpoint to compressed-tensors safetensors in `out`; returns the summary."""
+    """Convert a checkpoint to compressed-tensors safetensors in `out`; returns the summary.
+
+    `imatrix`: an importance file (k2quant calibrate's or llama.cpp's imatrix GGUF) that
+    weights the INT4 clipping search per input channel."""
     if method not in ("mse", "rtn"):
         raise ConvertError(f"unknown method {method!r} (mse or rtn)")
+    if imatrix is not None and method != "mse":
+        raise ConvertError("--imatrix weights the clipping search: use --method mse")
     t0 = time.time()
     src, out = Path(src), Path(out)
     ck = open_checkpoint(src)
     plan = plan_conversion(ck, recipe, method)
+    if imatrix is not None:
+        imatrix = Path(imatrix)
+        if not imatrix.is_file():
+            raise ConvertError(f"{imatrix}: importance file not found")
+        read_imatrix(imatrix, set())  # validates the file before any work
+        plan.imatrix = str(imatrix.resolve())
+        plan.imatrix_sha256 = hashlib.sha256(imatrix.read_bytes()).hexdigest()
     fp = plan.fingerprint()
     done = _prepare_out(out, fp, resume)
     todo = [s for s in plan.shards if s.file not in done]
@@ -299,7 +325,7 @@ def convert(
     if workers <= 1:
         q = _BarQueue(bar)
         for s in todo:
-            r = convert_shard(str(src), str(out), asdict(s), method, q)
+            r = convert_shard(str(src), str(out), asdict(s), method, q, imatrix=plan.imatrix)
             done[r["file"]] = r["bytes"]
             _record(out, fp, done)
     else:
@@ -307,7 +333,10 @@ def convert(
         ctx = get_context("spawn")
         with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             q = manager.Queue()
-            futures = [pool.submit(convert_shard, str(src), str(out), asdict(s), method, q, threads) for s in todo]
+            futures = [
+                pool.submit(convert_shard, str(src), str(out), asdict(s), method, q, threads, plan.imatrix)
+                for s in todo
+            ]
             pending = set(futures)
             while pending:
                 try:
@@ -374,6 +403,7 @@ def _summary(plan: Plan, out: Path, seconds: float) -> dict:
         "output": str(out),
         "recipe": plan.recipe,
         "method": plan.method,
+        "imatrix": plan.imatrix,
         "fingerprint": plan.fingerprint()[:16],
         "shards": len(plan.shards),
         "params": params,

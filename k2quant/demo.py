@@ -16,6 +16,8 @@ from k2quant.calib.datasets import bundled_texts
 from k2quant.formats.tokenizer import load_tokenizer
 
 from . import minik2
+from .calibrate import calibrate
+from .calibrate import format_summary as format_calibration
 from .convert import convert, format_summary
 from .inspect import format_inspect, inspect_checkpoint
 from .model import generate, open_model
@@ -38,11 +40,19 @@ def run(out: str | Path, echo=print) -> dict:
     echo("\n== 2. k2quant inspect")
     echo(format_inspect(inspect_checkpoint(fp8)))
 
-    echo("\n== 3. k2quant convert --to safetensors --preset k2-int4 (routed experts INT4 g32, as K2-Thinking)")
+    echo("\n== 3. k2quant calibrate (bundled text, layer-streamed): imatrix.gguf and expert hotness")
+    calib = out / "calib"
+    if not (calib / "imatrix.gguf").exists():
+        echo(format_calibration(calibrate(fp8, calib, tokens=4096, ctx=256, min_expert_tokens=32, progress=False)))
+    else:
+        echo(f"   reusing {calib}")
+
+    echo("\n== 3b. k2quant convert --to safetensors --preset k2-int4 --calib (routed experts INT4 g32, as K2-Thinking)")
     int4 = out / "mini-k2-int4"
     if not (int4 / "model.safetensors.index.json").exists():
         shutil.rmtree(int4, ignore_errors=True)
-        conv = convert(fp8, int4, build_recipe("k2-int4"), transformers_config=True, progress=False)
+        conv = convert(fp8, int4, build_recipe("k2-int4"), transformers_config=True, progress=False,
+                       imatrix=calib / "imatrix.gguf")  # fmt: skip
         echo(format_summary(conv))
     else:
         echo(f"   reusing {int4}")

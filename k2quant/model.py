@@ -35,14 +35,25 @@ class Weights:
 
     With cache=True each tensor is fetched once and kept (resident use); with cache=False
     every call fetches again and nothing outlives its use (layer streaming), so memory is
-    bounded by the largest tensor in flight.
+    bounded by the largest tensor in flight. `cache` may also be a predicate on the name
+    (calibration keeps a layer's attention and dense weights, never the routed experts),
+    and `release(prefix)` drops what was kept.
     """
 
-    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, cache: bool = False):
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        cache: bool | Callable[[str], bool] = False,
+    ):
         self.device = torch.device(device)
         self.dtype = dtype
         self.cache = cache
         self._cached: dict[str, torch.Tensor] = {}
+
+    def release(self, prefix: str = "") -> None:
+        for name in [n for n in self._cached if n.startswith(prefix)]:
+            del self._cached[name]
 
     def fetch(self, name: str) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -53,7 +64,7 @@ class Weights:
             t = self.fetch(name)
             if t.device != self.device or (t.is_floating_point() and t.dtype != self.dtype):
                 t = t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
-            if self.cache:
+            if self.cache is True or (callable(self.cache) and self.cache(name)):
                 self._cached[name] = t
         return t
 
@@ -79,7 +90,11 @@ class CheckpointWeights(Weights):
     """Weights dequantized on demand from an opened checkpoint (see checkpoint.py)."""
 
     def __init__(
-        self, checkpoint, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, cache: bool = False
+        self,
+        checkpoint,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        cache: bool | Callable[[str], bool] = False,
     ):
         super().__init__(device, dtype, cache)
         self.checkpoint = checkpoint
@@ -191,6 +206,9 @@ class K2Model:
         self.weights = weights
         self.observer: LinearObserver | None = None  # sees every linear's input (calibration)
         self.route_observer: RouteObserver | None = None  # sees (layer, scores, ids, weights)
+        # calibration: extra tokens per expert (layer, scores, ids) -> {expert: token indices}; the
+        # experts run on them so observers see their inputs, but their outputs are discarded
+        self.coverage: Callable[[int, torch.Tensor, torch.Tensor], dict[int, torch.Tensor]] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -247,8 +265,13 @@ class K2Model:
         if self.route_observer is not None:
             self.route_observer(i, scores, ids, weights)
         out = torch.zeros_like(flat)
-        for e in torch.unique(ids).tolist():
+        extra = self.coverage(i, scores, ids) if self.coverage is not None else {}
+        for e in sorted(set(torch.unique(ids).tolist()) | set(extra)):
             tok, slot = torch.where(ids == e)
+            if e in extra:  # seen by observers only: the layer's output does not change
+                self.mlp(f"{p}experts.{e}.", flat[extra[e]])
+            if tok.numel() == 0:
+                continue
             y = self.mlp(f"{p}experts.{e}.", flat[tok]) * weights[tok, slot, None].to(flat.dtype)
             out.index_add_(0, tok, y)
         out = out.view(shape)
@@ -257,10 +280,20 @@ class K2Model:
         return out
 
     def layer(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: MLACache | None = None) -> torch.Tensor:
-        c, w = self.config, self.weights
+        return self.ffn_block(i, self.attention_block(i, h, positions, cache))
+
+    def attention_block(
+        self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: MLACache | None = None
+    ) -> torch.Tensor:
+        """h + attention(norm(h)): the first half of a decoder layer."""
+        w = self.weights.get(f"model.layers.{i}.input_layernorm.weight")
+        return h + self.attention(i, rms_norm(h, w, self.config.rms_norm_eps), positions, cache)
+
+    def ffn_block(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """h + mlp_or_moe(norm(h)): the second half; position-free, so any set of tokens can go at once."""
+        c = self.config
         p = f"model.layers.{i}."
-        h = h + self.attention(i, rms_norm(h, w.get(p + "input_layernorm.weight"), c.rms_norm_eps), positions, cache)
-        x = rms_norm(h, w.get(p + "post_attention_layernorm.weight"), c.rms_norm_eps)
+        x = rms_norm(h, self.weights.get(p + "post_attention_layernorm.weight"), c.rms_norm_eps)
         return h + (self.moe(i, x) if c.is_moe(i) else self.mlp(p + "mlp.", x))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -28,14 +28,24 @@ def expand_block_scale(scale: torch.Tensor, shape: tuple[int, int], block: tuple
 def dequantize_fp8_block(
     weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK
 ) -> torch.Tensor:
-    """float32 weight from e4m3 values and their per-block float32 scales."""
+    """float32 weight from e4m3 values and their per-block float32 scales.
+
+    One block-row at a time, scales broadcast over whole blocks: each element is converted
+    and multiplied once, while its block-row is still in cache.
+    """
     rows, cols = weight.shape
-    out = weight.to(torch.float32)
-    # row blocks one at a time: the expanded scale never exceeds one block-row of the weight
+    br, bc = block
+    full = cols - cols % bc
+    out = torch.empty(rows, cols, dtype=torch.float32)
     for i in range(scale.shape[0]):
-        r0, r1 = i * block[0], min((i + 1) * block[0], rows)
-        s = scale[i].to(torch.float32).repeat_interleave(block[1])[:cols]
-        out[r0:r1] *= s
+        r0, r1 = i * br, min((i + 1) * br, rows)
+        s = scale[i].to(torch.float32)
+        part = weight[r0:r1].to(torch.float32)
+        if full:
+            view = part[:, :full].view(r1 - r0, full // bc, bc)
+            out[r0:r1, :full] = (view * s[: full // bc, None]).view(r1 - r0, full)
+        if full < cols:  # a partial block at the right edge
+            out[r0:r1, full:] = part[:, full:] * s[-1]
     return out
 
 

@@ -69,7 +69,7 @@ def dequantize_int4(
 
 # ---------------------------------------------------------------------------- quantize
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(7))  # 1.00 .. 0.70 of the group's range
-ROW_CHUNK = 1024  # rows quantized at a time: bounds the scale-search temporaries
+ROW_CHUNK = 256  # rows quantized at a time: bounds the temporaries and keeps them cache-sized
 
 
 def quantize_int4(
@@ -87,8 +87,10 @@ def quantize_int4(
     [-7, 7] with qmax=7 (K2-Thinking's QAT grid; scale = clip * amax / 7). Asymmetric: q in [-8, 7] with an
     int zero point. With `search`, each group tries clipping ratios and keeps the one with
     the least squared error, weighted per input channel by `importance` (e.g. an imatrix:
-    the mean squared activation) when given. Scales are rounded to `scale_dtype` before q
-    is computed, so dequantize(q) is exactly what a reader of the file computes.
+    the mean squared activation) when given; symmetric groups then also try the weighted
+    least-squares scale for the chosen levels (as llama.cpp's make_qx_quants refines).
+    Scales are rounded to `scale_dtype` before q is computed, so dequantize(q) is exactly
+    what a reader of the file computes.
     """
     rows, cols = w.shape
     if cols % group_size:
@@ -99,35 +101,50 @@ def quantize_int4(
     s_out = torch.empty(rows, cols // group_size, dtype=scale_dtype)
     z_out = None if symmetric else torch.empty(rows, cols // group_size, dtype=torch.int8)
     imp = None if importance is None else importance.to(torch.float32).view(1, -1, group_size)
-    ratios = CLIP_RATIOS if search else (1.0,)
     for r0 in range(0, rows, ROW_CHUNK):
         g = w[r0 : r0 + ROW_CHUNK].to(torch.float32).view(-1, cols // group_size, group_size)
-        best_err = best_q = best_s = best_z = None
-        for ratio in ratios:
-            q, s, z = _int4_candidate(g, ratio, symmetric, qmax, scale_dtype)
-            if len(ratios) == 1:
-                best_q, best_s, best_z = q, s, z
-                break
-            deq = q.to(torch.float32)
-            if z is not None:
-                deq -= z.to(torch.float32)[..., None]
-            err = (deq.mul_(s.to(torch.float32)[..., None]) - g).square_()
-            err = (err * imp if imp is not None else err).sum(-1)
-            if best_err is None:
-                best_err, best_q, best_s, best_z = err, q, s, z
-                continue
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_q = torch.where(better[..., None], q, best_q)
-            best_s = torch.where(better, s, best_s)
-            if z is not None:
-                best_z = torch.where(better, z, best_z)
+        if not search:
+            best_q, best_s, best_z = _int4_candidate(g, 1.0, symmetric, qmax, scale_dtype)
+        else:
+            best = None
+            for ratio in CLIP_RATIOS:
+                best = _keep_better(best, _int4_candidate(g, ratio, symmetric, qmax, scale_dtype), g, imp)
+            if symmetric:  # then the weighted least-squares scale for the chosen levels, requantized
+                _, q, _, _ = best
+                qf = q.to(torch.float32)
+                wq = qf if imp is None else qf * imp
+                s_ls = (wq * g).sum(-1) / (wq * qf).sum(-1).clamp(min=1e-30)
+                s_ls = torch.where(s_ls > 0, s_ls, best[2].to(torch.float32)).to(scale_dtype)
+                q_ls = torch.div(g, s_ls.to(torch.float32)[..., None]).round_().clamp_(-qmax, 7).to(torch.int8)
+                best = _keep_better(best, (q_ls, s_ls, None), g, imp)
+            _, best_q, best_s, best_z = best
         n = best_q.shape[0]
         q_out[r0 : r0 + n] = best_q.view(n, cols)
         s_out[r0 : r0 + n] = best_s
         if z_out is not None:
             z_out[r0 : r0 + n] = best_z
     return q_out, s_out, z_out
+
+
+def _keep_better(best, cand, g: torch.Tensor, imp: torch.Tensor | None):
+    """Per group, (err, q, s, z) of whichever of `best` and the candidate (q, s, z) has the lower
+    (weighted) squared error."""
+    q, s, z = cand
+    deq = q.to(torch.float32)
+    if z is not None:
+        deq -= z.to(torch.float32)[..., None]
+    err = (deq.mul_(s.to(torch.float32)[..., None]) - g).square_()
+    err = (err * imp if imp is not None else err).sum(-1)
+    if best is None:
+        return err, q, s, z
+    b_err, b_q, b_s, b_z = best
+    better = err < b_err
+    return (
+        torch.where(better, err, b_err),
+        torch.where(better[..., None], q, b_q),
+        torch.where(better, s, b_s),
+        None if z is None else torch.where(better, z, b_z),
+    )
 
 
 def _int4_candidate(g: torch.Tensor, ratio: float, symmetric: bool, qmax: int, scale_dtype: torch.dtype):

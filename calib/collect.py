@@ -1,0 +1,119 @@
+"""Layer-streamed calibration statistics: importance (imatrix) per linear and per expert, expert hotness.
+
+All calibration tokens go through one layer before the next. The attention half runs per
+batch of sequences (it mixes positions); the MLP / MoE half runs once over every token,
+so each routed expert's weights are read once per layer and see all of their tokens
+together. Kept in memory: the hidden states (tokens x hidden) and one layer's
+non-expert weights; routed experts are read one at a time.
+
+Balanced coverage: an expert routed fewer than `min_expert_tokens` tokens also sees the
+tokens that score highest for it among those not routed to it. Those extra rows feed its
+statistics only; the layer's output, and so the next layer's input, is unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from k2quant.model import K2Model
+
+
+@dataclass
+class CalibStats:
+    in_sum2: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> sum of x^2 per input channel (f64)
+    counts: dict[str, int] = field(default_factory=dict)  # module -> activation rows
+    routed: dict[int, torch.Tensor] = field(default_factory=dict)  # MoE layer -> tokens routed per expert
+    weight_sum: dict[int, torch.Tensor] = field(default_factory=dict)  # MoE layer -> sum of routing weights
+    topped_up: dict[int, torch.Tensor] = field(default_factory=dict)  # MoE layer -> extra tokens per expert
+    tokens: int = 0
+
+    def observe(self, module: str, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1])
+        s = rows.double().pow(2).sum(0)
+        if module in self.in_sum2:
+            self.in_sum2[module] += s
+        else:
+            self.in_sum2[module] = s
+        self.counts[module] = self.counts.get(module, 0) + rows.shape[0]
+
+    def hotness(self) -> dict:
+        out = {}
+        for layer in sorted(self.routed):
+            n = self.routed[layer]
+            out[str(layer)] = {
+                "routed_tokens": n.tolist(),
+                "frequency": (n / n.sum().clamp(min=1)).tolist(),
+                "mean_weight": (self.weight_sum[layer] / n.clamp(min=1)).tolist(),
+                "topped_up_tokens": self.topped_up[layer].tolist(),
+            }
+        return out
+
+
+def collect(
+    model: K2Model, sequences: torch.Tensor, batch: int = 8, min_expert_tokens: int = 0, progress: bool = True
+) -> CalibStats:
+    """Statistics for every linear (per expert for routed experts) over `sequences` [N, T]."""
+    c = model.config
+    stats = CalibStats(tokens=sequences.numel())
+    model.observer = lambda name, x: stats.observe(name, x) if name != "lm_head" else None
+
+    def on_route(layer, scores, ids, weights):
+        e = c.n_routed_experts
+        stats.routed[layer] = stats.routed.get(layer, 0) + torch.bincount(ids.flatten(), minlength=e)
+        ws = torch.zeros(e, dtype=torch.float64).index_add_(0, ids.flatten(), weights.flatten().double())
+        stats.weight_sum[layer] = stats.weight_sum.get(layer, 0) + ws
+
+    def coverage(layer, scores, ids):
+        counts = torch.bincount(ids.flatten(), minlength=c.n_routed_experts)
+        extra = {}
+        topped = torch.zeros(c.n_routed_experts, dtype=torch.long)
+        for e in torch.nonzero(counts < min_expert_tokens).flatten().tolist():
+            s = scores[:, e].clone()
+            s[(ids == e).any(-1)] = float("-inf")  # only tokens not routed to e
+            need = min(min_expert_tokens - int(counts[e]), int(torch.isfinite(s).sum()))
+            if need > 0:
+                extra[e] = s.topk(need).indices.sort().values
+                topped[e] = need
+        stats.topped_up[layer] = topped
+        return extra
+
+    model.route_observer = on_route
+    model.coverage = coverage if min_expert_tokens > 0 else None
+    weights = model.weights
+    weights.cache = lambda name: ".mlp.experts." not in name  # one layer's non-expert weights, never the experts
+    pos = torch.arange(sequences.shape[1])
+    hs = [model.embed(sequences[i : i + batch]) for i in range(0, sequences.shape[0], batch)]
+    bar = tqdm(range(c.num_hidden_layers), desc="calibrating", unit="layer", disable=not progress)
+    with torch.no_grad():
+        for layer in bar:
+            hs = [model.attention_block(layer, h, pos) for h in hs]
+            shapes = [h.shape for h in hs]
+            flat = torch.cat([h.reshape(-1, c.hidden_size) for h in hs])
+            if c.is_moe(layer):
+                out = model.ffn_block(layer, flat)
+                if layer not in stats.topped_up:
+                    stats.topped_up[layer] = torch.zeros(c.n_routed_experts, dtype=torch.long)
+            else:  # dense: chunked by tokens, its weights stay cached for the layer
+                out = torch.cat([model.ffn_block(layer, flat[i : i + 4096]) for i in range(0, len(flat), 4096)])
+            hs = list(out.split([s[0] * s[1] for s in shapes]))
+            hs = [h.view(s) for h, s in zip(hs, shapes, strict=True)]
+            weights.release(f"model.layers.{layer}.")
+    model.observer = model.route_observer = model.coverage = None
+    return stats
+
+
+def coverage_report(stats: CalibStats, min_expert_tokens: int) -> dict:
+    """Per MoE layer: experts below the threshold before top-up, and the fewest tokens any expert saw."""
+    rep = {}
+    for layer, n in sorted(stats.routed.items()):
+        up = stats.topped_up.get(layer, torch.zeros_like(n))
+        rep[str(layer)] = {
+            "experts_below_min": int((n < min_expert_tokens).sum()) if min_expert_tokens else 0,
+            "min_routed": int(n.min()),
+            "min_after_top_up": int((n + up).min()),
+            "never_routed": int((n == 0).sum()),
+        }
+    return rep

@@ -1,0 +1,112 @@
+"""llama.cpp importance-matrix files (GGUF imatrix), read and written.
+
+Per weight tensor W (llama.cpp's names): `W.in_sum2` F32 [nmat, n_in], the raw sum of x^2
+per input column over every activation row that reached the matrix, and `W.counts` F32
+[nmat, 1], the rows per matrix; nmat is the number of experts for the stacked `*_exps`
+tensors and 1 otherwise. KV: general.type "imatrix", imatrix.datasets, chunk_count,
+chunk_size. llama-quantize divides in_sum2 by counts (a count of 0 means weight 1);
+`read_importance` does the same, keyed by checkpoint module name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from k2quant.errors import K2QuantError
+
+from .gguf import checkpoint_linear, gguf_linear
+
+
+class ImatrixError(K2QuantError):
+    pass
+
+
+def write_imatrix(
+    path: str | Path,
+    in_sum2: dict[str, torch.Tensor],
+    counts: dict[str, int],
+    n_experts: int,
+    datasets: list[str],
+    chunk_count: int,
+    chunk_size: int,
+) -> None:
+    """Write per-module statistics (checkpoint names) as a llama.cpp imatrix GGUF, atomically."""
+    import gguf
+
+    stacks: dict[str, dict[int | None, str]] = defaultdict(dict)
+    for module in in_sum2:
+        target = gguf_linear(module)
+        if target is not None:
+            stacks[target[0]][target[1]] = module
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), arch="deepseek2")
+    w.kv_data[0].pop("general.architecture", None)  # llama.cpp's imatrix files carry no architecture
+    w.add_type(gguf.GGUFType.IMATRIX)
+    w.add_array(gguf.Keys.IMatrix.DATASETS, datasets)
+    w.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, chunk_count)
+    w.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, chunk_size)
+    for name in sorted(stacks):
+        members = stacks[name]
+        if None in members:
+            sums = [in_sum2[members[None]]]
+            cnts = [counts[members[None]]]
+        else:
+            n_in = next(iter(in_sum2[m] for m in members.values())).numel()
+            sums = [in_sum2[members[e]] if e in members else torch.zeros(n_in) for e in range(n_experts)]
+            cnts = [counts.get(members.get(e, ""), 0) for e in range(n_experts)]
+        w.add_tensor(f"{name}.in_sum2", torch.stack([s.float() for s in sums]).numpy())
+        w.add_tensor(f"{name}.counts", np.array(cnts, dtype=np.float32).reshape(-1, 1))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+
+
+def read_imatrix(path: str | Path, modules: set[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """(in_sum2, counts) per checkpoint module from an imatrix GGUF (k2quant's or llama.cpp's);
+    only `modules` when given (the file is memory-mapped, so reading a few is cheap)."""
+    import gguf
+
+    try:
+        r = gguf.GGUFReader(str(path))
+    except (OSError, ValueError) as e:
+        raise ImatrixError(f"{path}: not a readable GGUF file ({e})") from None
+    field = r.fields.get("general.type")
+    kind = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    if kind != "imatrix":
+        raise ImatrixError(f"{path}: general.type is {kind!r}, not 'imatrix'")
+    tensors = {t.name: t for t in r.tensors}
+    in_sum2: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    for tname, t in tensors.items():
+        if not tname.endswith(".in_sum2"):
+            continue
+        base = tname.removesuffix(".in_sum2")
+        c = tensors.get(base + ".counts")
+        if c is None:
+            raise ImatrixError(f"{path}: tensor '{tname}' has no matching '{base}.counts'")
+        cnt = np.asarray(c.data, dtype=np.float64).reshape(-1)
+        sums = np.asarray(t.data, dtype=np.float64).reshape(len(cnt), -1)
+        for e in range(len(cnt)):
+            module = checkpoint_linear(base, e if len(cnt) > 1 or "_exps" in base else None)
+            if module is None or (modules is not None and module not in modules):
+                continue
+            in_sum2[module] = torch.from_numpy(sums[e].copy())
+            counts[module] = int(cnt[e])
+    return in_sum2, counts
+
+
+def importance(in_sum2: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Mean x^2 per input channel (llama-quantize's column weights); 1 where a matrix saw no data."""
+    out = {}
+    for module, s in in_sum2.items():
+        n = counts.get(module, 0)
+        out[module] = (s / n).float() if n > 0 else torch.ones_like(s, dtype=torch.float32)
+    return out

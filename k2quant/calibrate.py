@@ -1,0 +1,86 @@
+"""`k2quant calibrate`: tokens in, imatrix.gguf + hotness.json + calibration.json out."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from k2quant.calib.collect import collect, coverage_report
+from k2quant.calib.datasets import bundled_documents, load_texts, sample_sequences
+from k2quant.formats.hf import write_json
+from k2quant.formats.imatrix import write_imatrix
+from k2quant.formats.tokenizer import load_tokenizer
+
+from .checkpoint import open_checkpoint
+from .errors import K2QuantError
+from .model import CheckpointWeights, K2Model
+
+
+def calibrate(
+    src: str | Path,
+    out: str | Path,
+    data: list[str | Path] | None = None,
+    tokens: int = 65536,
+    ctx: int = 512,
+    min_expert_tokens: int = 0,
+    batch: int = 8,
+    progress: bool = True,
+) -> dict:
+    t0 = time.time()
+    src, out = Path(src), Path(out)
+    ck = open_checkpoint(src)
+    try:
+        tok = load_tokenizer(src)
+    except FileNotFoundError:
+        raise K2QuantError(f"{src}: no tiktoken.model; calibration needs the model's tokenizer") from None
+    docs = load_texts(data) if data else bundled_documents()
+    stream: list[int] = []
+    for d in docs:
+        stream.extend(tok.encode(d, allow_special=True))
+        stream.append(tok.eos_id)
+    n = max(1, tokens // ctx)
+    try:
+        seqs = torch.tensor(sample_sequences(stream, n, ctx), dtype=torch.long)
+    except ValueError as e:
+        raise K2QuantError(str(e)) from None
+    model = K2Model(ck.config, CheckpointWeights(ck))
+    stats = collect(model, seqs, batch=batch, min_expert_tokens=min_expert_tokens, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    datasets = [str(p) for p in data] if data else ["k2quant bundled calibration set"]
+    write_imatrix(out / "imatrix.gguf", stats.in_sum2, stats.counts, ck.config.n_routed_experts, datasets, n, ctx)
+    write_json(out / "hotness.json", stats.hotness())
+    summary = {
+        "source": str(src),
+        "tokens": stats.tokens,
+        "sequences": n,
+        "ctx": ctx,
+        "text_tokens": len(stream),
+        "min_expert_tokens": min_expert_tokens,
+        "coverage": coverage_report(stats, min_expert_tokens),
+        "linears": len(stats.in_sum2),
+        "seconds": round(time.time() - t0, 2),
+        "tokens_per_second": round(stats.tokens / max(time.time() - t0, 1e-9), 1),
+        "files": {"imatrix": str(out / "imatrix.gguf"), "hotness": str(out / "hotness.json")},
+    }
+    write_json(out / "calibration.json", summary)
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    lines = [
+        f"calibrated {s['source']}: {s['tokens']} tokens ({s['sequences']} x {s['ctx']}), {s['linears']} linears, "
+        f"{s['seconds']:.1f} s ({s['tokens_per_second']:.0f} tokens/s)",
+        f"  {'layer':<7}{'never routed':>14}{'below min':>11}{'fewest routed':>15}{'fewest after top-up':>21}",
+    ]
+    for layer, c in s["coverage"].items():
+        lines.append(f"  {layer:<7}{c['never_routed']:>14}{c['experts_below_min']:>11}{c['min_routed']:>15}"
+                     f"{c['min_after_top_up']:>21}")  # fmt: skip
+    lines.append(f"  wrote {s['files']['imatrix']}, {s['files']['hotness']}")
+    return "\n".join(lines)
+
+
+def load_hotness(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
