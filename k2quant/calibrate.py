@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -14,9 +13,8 @@ from k2quant.formats.hf import write_json
 from k2quant.formats.imatrix import write_imatrix
 from k2quant.formats.tokenizer import load_tokenizer
 
-from .checkpoint import open_checkpoint
 from .errors import K2QuantError
-from .model import CheckpointWeights, K2Model
+from .model import open_model
 
 
 def calibrate(
@@ -31,7 +29,8 @@ def calibrate(
 ) -> dict:
     t0 = time.time()
     src, out = Path(src), Path(out)
-    ck = open_checkpoint(src)
+    model = open_model(src)  # layer-streamed; collect() keeps one layer's non-expert weights at a time
+    ck = model.checkpoint
     try:
         tok = load_tokenizer(src)
     except FileNotFoundError:
@@ -46,7 +45,6 @@ def calibrate(
         seqs = torch.tensor(sample_sequences(stream, n, ctx), dtype=torch.long)
     except ValueError as e:
         raise K2QuantError(str(e)) from None
-    model = K2Model(ck.config, CheckpointWeights(ck))
     stats = collect(model, seqs, batch=batch, min_expert_tokens=min_expert_tokens, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     datasets = [str(p) for p in data] if data else ["k2quant bundled calibration set"]
@@ -80,7 +78,3 @@ def format_summary(s: dict) -> str:
                      f"{c['min_after_top_up']:>21}")  # fmt: skip
     lines.append(f"  wrote {s['files']['imatrix']}, {s['files']['hotness']}")
     return "\n".join(lines)
-
-
-def load_hotness(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())

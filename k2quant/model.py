@@ -204,6 +204,7 @@ class K2Model:
     def __init__(self, config: K2Config, weights: Weights):
         self.config = config
         self.weights = weights
+        self.checkpoint = getattr(weights, "checkpoint", None)  # the opened checkpoint, when there is one
         self.observer: LinearObserver | None = None  # sees every linear's input (calibration)
         self.route_observer: RouteObserver | None = None  # sees (layer, scores, ids, weights)
         # calibration: extra tokens per expert (layer, scores, ids) -> {expert: token indices}; the
@@ -332,9 +333,7 @@ def open_model(
     from .checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(path)
-    model = K2Model(ckpt.config, CheckpointWeights(ckpt, device, dtype, cache=resident))
-    model.checkpoint = ckpt
-    return model
+    return K2Model(ckpt.config, CheckpointWeights(ckpt, device, dtype, cache=resident))
 
 
 @torch.no_grad()

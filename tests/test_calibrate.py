@@ -12,12 +12,11 @@ from k2quant import open_checkpoint
 from k2quant.calib.collect import collect
 from k2quant.cli import main
 from k2quant.formats.imatrix import importance, read_imatrix
-from k2quant.model import CheckpointWeights, K2Model
+from k2quant.model import K2Model, open_model
 
 
 def _model(path) -> K2Model:
-    ck = open_checkpoint(path)
-    return K2Model(ck.config, CheckpointWeights(ck))
+    return open_model(path)
 
 
 def _seqs(n=6, t=64):

@@ -12,7 +12,6 @@ statistics come from one pass, holding one tensor group's weights at a time.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from k2quant.formats.tokenizer import load_tokenizer
 
 from ..checkpoint import open_checkpoint
 from ..errors import K2QuantError
-from ..model import CheckpointWeights, K2Model
+from ..model import K2Model, open_model
 from ..names import parse_name
 from .metrics import summarize, token_quantities
 
@@ -75,11 +74,9 @@ def run_diff(
     chunks: int | None = None,
     batch: int = 4,
     progress: bool = True,
-    open_fn: Callable[[str | Path], K2Model] | None = None,
 ) -> dict:
     """Compare two models on the data; returns the metrics dictionary (see metrics.json)."""
-    open_fn = open_fn or _open_streamed
-    ref, cand = open_fn(ref_path), open_fn(cand_path)
+    ref, cand = open_model(ref_path), open_model(cand_path)  # layer-streamed: nothing stays resident
     _check_compatible(ref, cand)
     tokens = load_tokens(data, ref_path)
     if tokens.numel() and int(tokens.max()) >= ref.config.vocab_size:
@@ -168,13 +165,6 @@ def run_diff(
     metrics["per_tensor"], metrics["per_expert"] = weight_errors(ref_path, cand_path, expert_counts, progress)
     metrics["kld_values"] = q["kld"].float().tolist()  # for the distribution plot
     return metrics
-
-
-def _open_streamed(path: str | Path) -> K2Model:
-    ck = open_checkpoint(path)
-    model = K2Model(ck.config, CheckpointWeights(ck))
-    model.checkpoint = ck
-    return model
 
 
 def weight_errors(ref_path, cand_path, expert_counts: torch.Tensor, progress: bool) -> tuple[list, list]:
