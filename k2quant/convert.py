@@ -151,10 +151,8 @@ def plan_conversion(ck: Checkpoint, recipe: Recipe, method: str = "mse") -> Plan
                     pt.outputs.append((out_name, DTYPE_NAMES[info.dtype], list(info.shape)))
                     pt.source_parts[out_name] = suffix
             else:
-                probe = scheme.quantize(torch.zeros(_probe_shape(scheme, lt.shape)))
-                for suffix in sorted(probe, key=_part_order):
-                    shape = _scaled_shape(suffix, scheme, lt.shape, probe[suffix])
-                    pt.outputs.append((f"{mod}.{suffix}", DTYPE_NAMES[probe[suffix].dtype], shape))
+                for suffix, dtype, shape in scheme.layout(lt.shape):
+                    pt.outputs.append((f"{mod}.{suffix}", DTYPE_NAMES[dtype], list(shape)))
         else:
             (suffix, info), = lt.parts.items()  # fmt: skip
             dtype = info.dtype if action == "copy" else torch.bfloat16
@@ -178,24 +176,6 @@ _ORDER = ("weight", "weight_packed", "weight_scale", "weight_scale_inv", "weight
 
 def _part_order(suffix: str) -> int:
     return _ORDER.index(suffix) if suffix in _ORDER else len(_ORDER)
-
-
-def _probe_shape(scheme: Scheme, shape) -> tuple[int, int]:
-    """A small stand-in with the same column structure, to learn part dtypes without real work."""
-    return (8, scheme.group_size) if scheme.kind == "int4" else (1, 1)
-
-
-def _scaled_shape(suffix: str, scheme: Scheme, shape, probe: torch.Tensor) -> list[int]:
-    rows, cols = shape
-    if scheme.kind == "int4":
-        g = cols // scheme.group_size
-        return {
-            "weight_packed": [rows, (cols + 7) // 8],
-            "weight_scale": [rows, g],
-            "weight_shape": [2],
-            "weight_zero_point": [(rows + 7) // 8, g],
-        }[suffix]
-    return {"weight": [rows, cols], "weight_scale": [(rows + 127) // 128, (cols + 127) // 128]}[suffix]
 
 
 def _nbytes(dtype: str, shape: list[int]) -> int:

@@ -289,3 +289,15 @@ def test_signal_safe_temp_names(tmp_path):
     _convert(src, tmp_path / "o", "k2-int4")
     assert not list((tmp_path / "o").glob("*.tmp"))
     assert os.path.exists(tmp_path / "o" / "model.safetensors.index.json")
+
+
+@pytest.mark.parametrize("name", ["int4-g32", "int4-g64-asym", "int4-g128-r7", "fp8-block", "bf16"])
+def test_scheme_layout_is_what_quantize_returns(name):
+    from k2quant.quant.schemes import parse_scheme
+
+    scheme = parse_scheme(name)
+    for shape in [(300, 256), (512, 1024)]:
+        parts = scheme.quantize(torch.randn(shape))
+        assert sorted((k, str(v.dtype), tuple(v.shape)) for k, v in parts.items()) == sorted(
+            (k, str(d), s) for k, d, s in scheme.layout(shape)
+        )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fp8 import DEFAULT_BLOCK, dequantize_fp8_block, quantize_fp8_block
+from .fp8 import DEFAULT_BLOCK, dequantize_fp8_block, quantize_fp8_block, scale_shape
 from .int4 import dequantize_int4, pack_int4, pack_zero_point, quantize_int4
 
 _INT4 = re.compile(r"^int4-g(32|64|128)(-asym|-r7)?$")
@@ -94,16 +94,19 @@ class Scheme:
             return dequantize_fp8_block(parts["weight"], parts["weight_scale"])
         return parts["weight"].to(torch.float32)
 
-    def stored_bytes(self, shape: tuple[int, ...]) -> int:
-        n = math.prod(shape)
+    def layout(self, shape: tuple[int, int]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """The stored parts `quantize` returns for a weight of `shape`: (suffix, dtype, shape), in file order."""
+        rows, cols = shape
         if self.kind == "int4":
-            rows, cols = shape
             groups = cols // self.group_size
-            zp = 0 if self.symmetric else math.ceil(rows / 8) * groups * 4
-            return rows * math.ceil(cols / 8) * 4 + rows * groups * 2 + 16 + zp
+            parts = [("weight_packed", torch.int32, (rows, math.ceil(cols / 8))),
+                     ("weight_scale", torch.bfloat16, (rows, groups))]  # fmt: skip
+            if not self.symmetric:
+                parts.append(("weight_zero_point", torch.int32, (math.ceil(rows / 8), groups)))
+            return parts + [("weight_shape", torch.int64, (2,))]
         if self.kind == "fp8":
-            return n + math.ceil(shape[0] / 128) * math.ceil(shape[1] / 128) * 4
-        return n * 2
+            return [("weight", torch.float8_e4m3fn, shape), ("weight_scale", torch.float32, scale_shape(shape))]
+        return [("weight", torch.bfloat16, shape)]
 
 
 def parse_scheme(name: str) -> Scheme:
