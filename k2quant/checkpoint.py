@@ -215,8 +215,8 @@ def open_checkpoint(path: str | Path, *, strict: bool = True) -> Checkpoint:
         physical[name] = sf.tensors[name]
     # shard order, then the order inside each shard's header
     physical = dict(sorted(physical.items(), key=lambda kv: (shard_index[kv[1].file], kv[1].start)))
-    tensors = _logical_tensors(physical, shard_index, config, root)
     expected = expected_shapes(config)
+    tensors = _logical_tensors(physical, shard_index, config, expected)
     extra = [n for n in tensors if n not in expected]
     if strict:
         missing = [n for n in expected if n not in tensors]
@@ -295,7 +295,10 @@ def _int4_bits_ok(config: K2Config) -> bool:
 
 
 def _logical_tensors(
-    physical: dict[str, TensorInfo], shard_index: dict[Path, int], config: K2Config, root: Path
+    physical: dict[str, TensorInfo],
+    shard_index: dict[Path, int],
+    config: K2Config,
+    expected: dict[str, tuple[int, ...]],
 ) -> dict[str, LogicalTensor]:
     grouped: dict[str, dict[str, TensorInfo]] = {}
     for name, ti in physical.items():
@@ -310,12 +313,17 @@ def _logical_tensors(
     out: dict[str, LogicalTensor] = {}
     for name, parts in grouped.items():
         shard = min(shard_index[p.file] for p in parts.values())
-        out[name] = _classify(name, parts, shard, block, config)
+        out[name] = _classify(name, parts, shard, block, config, expected.get(name))
     return out
 
 
 def _classify(
-    name: str, parts: dict[str, TensorInfo], shard: int, block: tuple[int, int] | None, config: K2Config
+    name: str,
+    parts: dict[str, TensorInfo],
+    shard: int,
+    block: tuple[int, int] | None,
+    config: K2Config,
+    expected: tuple[int, ...] | None,
 ) -> LogicalTensor:
     def bad(msg: str, part: str) -> CheckpointError:
         return CheckpointError(msg, str(parts[part].file), name.removesuffix("weight") + part)
@@ -335,7 +343,6 @@ def _classify(
         if sh.dtype not in (torch.int32, torch.int64) or sh.shape != (2,):
             raise bad(f"expected an int [2] tensor, got {sh.dtype} {list(sh.shape)}", "weight_shape")
         rows = pk.shape[0]
-        expected = expected_shapes(config).get(name)
         cols = expected[1] if expected else pk.shape[1] * 8
         groups = sc.shape[1]
         if math.ceil(cols / 8) != pk.shape[1] or groups == 0 or math.ceil(cols / math.ceil(cols / groups)) != groups:

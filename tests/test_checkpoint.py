@@ -441,3 +441,20 @@ def test_file_shrinking_after_open_is_an_error_not_a_crash(tmp_path):
     os.truncate(p, 1000)
     with pytest.raises(CheckpointError, match="shrank"):
         ck.tensor("lm_head.weight")
+
+
+def test_open_computes_the_expected_inventory_once(tmp_path, monkeypatch):
+    """The config's tensor inventory is built once per open, not once per INT4 tensor (that was quadratic:
+    minutes for a few thousand experts, hours for K2-Thinking's 69k)."""
+    import k2quant.checkpoint as checkpoint_module
+    from k2quant.convert import convert
+    from k2quant.recipe import build_recipe
+
+    src = small_ckpt(tmp_path, n_routed_experts=16)
+    convert(src, tmp_path / "int4", build_recipe("k2-int4"), method="rtn", progress=False)
+    calls = []
+    real = checkpoint_module.expected_shapes
+    monkeypatch.setattr(checkpoint_module, "expected_shapes", lambda c: calls.append(1) or real(c))
+    ck = open_checkpoint(tmp_path / "int4")
+    assert sum(lt.format == "int4_pack" for lt in ck.tensors.values()) == 2 * 16 * 3
+    assert len(calls) == 1
