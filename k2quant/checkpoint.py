@@ -184,9 +184,6 @@ class Checkpoint:
                 names = sorted(names, key=lambda n: (parse_name(n).expert, proj_rank[parse_name(n).proj]))
             yield Group(kind, key, tuple(names), layer, ex)
 
-    def load_group(self, group: Group) -> dict[str, StoredWeight]:
-        return {n: self.stored(n) for n in group.names}
-
     @property
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.shards)

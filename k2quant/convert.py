@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import queue
 import shutil
@@ -62,10 +63,6 @@ class PlannedTensor:
 class PlannedShard:
     file: str
     tensors: list[PlannedTensor]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
 
     @property
     def source_bytes(self) -> int:
@@ -179,10 +176,7 @@ def _part_order(suffix: str) -> int:
 
 
 def _nbytes(dtype: str, shape: list[int]) -> int:
-    n = DTYPES[dtype].itemsize
-    for d in shape:
-        n *= d
-    return n
+    return DTYPES[dtype].itemsize * math.prod(shape)
 
 
 # ---------------------------------------------------------------------------- execution
@@ -331,7 +325,7 @@ def convert(
             while not q.empty():
                 bar.update(q.get())
     bar.close()
-    return _finish(ck, plan, out, fp, transformers_config, time.time() - t0)
+    return _finish(ck, plan, out, transformers_config, time.time() - t0)
 
 
 class _BarQueue:
@@ -342,7 +336,7 @@ class _BarQueue:
         self.bar.update(n)
 
 
-def _finish(ck: Checkpoint, plan: Plan, out: Path, fp: str, transformers_config: bool, seconds: float) -> dict:
+def _finish(ck: Checkpoint, plan: Plan, out: Path, transformers_config: bool, seconds: float) -> dict:
     cfg = dict(ck.config.raw)
     if plan.quantization_config:
         cfg["quantization_config"] = plan.quantization_config
@@ -358,10 +352,9 @@ def _finish(ck: Checkpoint, plan: Plan, out: Path, fp: str, transformers_config:
                 and not p.name.startswith(".") and p.stat().st_size < 256 * 2**20:  # fmt: skip
             shutil.copyfile(p, out / p.name)
     weight_map = {o[0]: s.file for s in plan.shards for t in s.tensors for o in t.outputs}
-    total = sum(t.nbytes for t in plan.tensors)
     summary = _summary(plan, out, seconds)
     write_json(out / SUMMARY, summary)
-    write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(out / INDEX_FILE, {"metadata": {"total_size": summary["bytes"]}, "weight_map": weight_map})
     (out / JOURNAL).unlink()
     return summary
 
