@@ -69,9 +69,7 @@ def write_imatrix(
     os.replace(tmp, path)
 
 
-def read_imatrix(path: str | Path, modules: set[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """(in_sum2, counts) per checkpoint module from an imatrix GGUF (k2quant's or llama.cpp's);
-    only `modules` when given (the file is memory-mapped, so reading a few is cheap)."""
+def _open_imatrix(path: str | Path):
     import gguf
 
     try:
@@ -82,6 +80,30 @@ def read_imatrix(path: str | Path, modules: set[str] | None = None) -> tuple[dic
     kind = bytes(field.parts[field.data[0]]).decode() if field is not None else None
     if kind != "imatrix":
         raise ImatrixError(f"{path}: general.type is {kind!r}, not 'imatrix'")
+    return r
+
+
+def read_imatrix_gguf(path: str | Path, names: set[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(in_sum2 [nmat, n_in], counts [nmat]) per GGUF tensor name, for the `names` asked for
+    (stacked experts and per-head tensors keep their nmat rows)."""
+    r = _open_imatrix(path)
+    tensors = {t.name: t for t in r.tensors}
+    out = {}
+    for name in names:
+        t, c = tensors.get(name + ".in_sum2"), tensors.get(name + ".counts")
+        if t is None:
+            continue
+        if c is None:
+            raise ImatrixError(f"{path}: tensor '{name}.in_sum2' has no matching '{name}.counts'")
+        cnt = np.asarray(c.data, dtype=np.float64).reshape(-1)
+        out[name] = (np.asarray(t.data, dtype=np.float32).reshape(len(cnt), -1), cnt)
+    return out
+
+
+def read_imatrix(path: str | Path, modules: set[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """(in_sum2, counts) per checkpoint module from an imatrix GGUF (k2quant's or llama.cpp's);
+    only `modules` when given (the file is memory-mapped, so reading a few is cheap)."""
+    r = _open_imatrix(path)
     tensors = {t.name: t for t in r.tensors}
     in_sum2: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}

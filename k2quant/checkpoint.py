@@ -195,6 +195,10 @@ def open_checkpoint(path: str | Path, *, strict: bool = True) -> Checkpoint:
     With strict=True (the default) every tensor the config implies must be present with
     the right shape; strict=False is for partial checkpoints (one layer, tests).
     """
+    from k2quant.formats.gguf import is_gguf, open_gguf
+
+    if is_gguf(path):
+        return open_gguf(path)
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError("not a checkpoint directory", str(root))

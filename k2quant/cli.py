@@ -61,26 +61,33 @@ def demo(out: str) -> None:
 @click.option(
     "--to",
     "target",
-    type=click.Choice(["safetensors"]),
+    type=click.Choice(["safetensors", "gguf"]),
     default="safetensors",
     show_default=True,
-    help="Output format: compressed-tensors packed safetensors.",
+    help="Output format: compressed-tensors packed safetensors (vLLM, SGLang, transformers) or GGUF (llama.cpp).",
 )
-@click.option("--preset", help="k2-int4 (routed experts int4-g32, rest as in the source), int4-all, fp8.")
+@click.option(
+    "--preset",
+    help="safetensors: k2-int4 (routed experts int4-g32, rest as in the source), int4-all, fp8. "
+    "gguf: llama.cpp's f16, bf16, q8_0, q4_0, q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k, or k2quant's MoE mixes "
+    "k2-q4, k2-q3, k2-q2 (routed experts low, the rest high).",
+)
 @click.option("--recipe", "recipe_file", type=click.Path(exists=True, dir_okay=False), help="TOML recipe file.")
 @click.option(
     "--override",
     "overrides",
     multiple=True,
     metavar="PATTERN=SCHEME",
-    help="Regex on module names -> scheme (int4-g32|64|128[-asym|-r7], fp8-block, bf16, keep); repeatable.",
+    help="Regex on module names -> scheme (int4-g32|64|128[-asym|-r7], fp8-block, bf16, keep; for gguf a "
+    "GGML type: q4_k, q6_k, q8_0, bf16, ..., matched against checkpoint and GGUF names); repeatable.",
 )
 @click.option(
     "--method",
     type=click.Choice(["mse", "rtn"]),
     default="mse",
     show_default=True,
-    help="int4 scale choice: mse (error-minimizing clipping search) or rtn (plain round-to-nearest).",
+    help="int4: mse (error-minimizing clipping search) or rtn (round-to-nearest). gguf: mse (llama.cpp's two "
+    "scale searches and a polish, the better per block) or rtn (llama.cpp's own procedure only).",
 )
 @click.option(
     "--imatrix",
@@ -93,7 +100,9 @@ def demo(out: str) -> None:
     type=click.Path(exists=True, file_okay=False),
     help="A k2quant calibrate output directory (uses its imatrix.gguf).",
 )
-@click.option("--workers", type=int, default=1, show_default=True, help="Shards converted in parallel.")
+@click.option("--split-max-size", default=None, help="gguf: split into files of at most this size (e.g. 48G).")
+@click.option("--name", "model_name", default=None, help="gguf: file stem and general.name (default SRC-PRESET).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Shards converted in parallel (safetensors).")
 @click.option("--resume", is_flag=True, help="Finish an interrupted conversion in OUT.")
 @click.option(
     "--transformers-config",
@@ -101,8 +110,8 @@ def demo(out: str) -> None:
     help="Write model_type deepseek_v3 so transformers loads OUT without remote code.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def convert(src, out, target, preset, recipe_file, overrides, method, imatrix, calib_dir, workers, resume,
-            transformers_config, as_json):  # fmt: skip
+def convert(src, out, target, preset, recipe_file, overrides, method, imatrix, calib_dir, split_max_size, model_name,
+            workers, resume, transformers_config, as_json):  # fmt: skip
     """Quantize SRC (a K2 / DeepSeek-V3 checkpoint) into OUT, streaming shard by shard.
 
     Source tensors already in the target form (FP8 block -> fp8-block, K2-Thinking
@@ -115,14 +124,23 @@ def convert(src, out, target, preset, recipe_file, overrides, method, imatrix, c
       k2quant convert Kimi-K2-Instruct k2-mixed --preset k2-int4 \\
           --override 'layers\\.(1|2|3)\\.mlp\\.experts\\.=fp8-block' --workers 2
       k2quant convert Kimi-K2-Instruct k2-int4 --preset k2-int4 --resume
+      k2quant convert Kimi-K2-Instruct k2-gguf --to gguf --preset q4_k_m --calib calib --split-max-size 48G
+      k2quant convert Kimi-K2-Instruct k2-gguf --to gguf --preset k2-q3 --override 'ffn_down_exps=q5_k'
     """
     from .convert import convert as run_convert
     from .convert import format_summary
     from .recipe import build_recipe
 
-    recipe = build_recipe(preset, recipe_file, list(overrides))
+    recipe = build_recipe(preset, recipe_file, list(overrides), target=target)
     if calib_dir and not imatrix:
         imatrix = str(Path(calib_dir) / "imatrix.gguf")
+    if target == "gguf":
+        from .convert_gguf import convert_gguf
+
+        summary = convert_gguf(src, out, recipe, method=method, resume=resume, imatrix=imatrix,
+                               split_max_size=split_max_size, name=model_name, progress=not as_json)  # fmt: skip
+        click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+        return
     summary = run_convert(src, out, recipe, method=method, workers=workers, resume=resume, imatrix=imatrix,
                           transformers_config=transformers_config, progress=not as_json)  # fmt: skip
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
@@ -168,8 +186,8 @@ def calibrate(src, data, out, tokens, ctx, min_expert_tokens, batch, as_json):
 
 
 @main.command()
-@click.argument("ref", type=click.Path(exists=True, file_okay=False))
-@click.argument("cand", type=click.Path(exists=True, file_okay=False))
+@click.argument("ref", type=click.Path(exists=True))
+@click.argument("cand", type=click.Path(exists=True))
 @click.option(
     "--data",
     multiple=True,
@@ -205,7 +223,7 @@ def diff(ref, cand, data, out, ctx, chunks, batch, as_json):
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def inspect(path: str, as_json: bool) -> None:
     """Architecture, parameters, bytes and bits per weight by component.

@@ -247,12 +247,24 @@ def _prepare_out(out: Path, fingerprint: str, resume: bool) -> dict[str, int]:
             p.unlink()
         return done
     if entries:
-        if (out / INDEX_FILE).exists() and (out / SUMMARY).exists():
+        if (out / SUMMARY).exists():
             raise ConvertError(f"{out}: already holds a finished conversion")
         raise ConvertError(f"{out}: is not empty and was not created by k2quant convert")
     out.mkdir(parents=True, exist_ok=True)
     write_json(journal, {"fingerprint": fingerprint, "done": {}})
     return {}
+
+
+def pin_imatrix(plan, imatrix: str | Path | None) -> None:
+    """Validate the importance file before any work and fold its content into the plan's fingerprint."""
+    if imatrix is None:
+        return
+    imatrix = Path(imatrix)
+    if not imatrix.is_file():
+        raise ConvertError(f"{imatrix}: importance file not found")
+    read_imatrix(imatrix, set())
+    plan.imatrix = str(imatrix.resolve())
+    plan.imatrix_sha256 = hashlib.sha256(imatrix.read_bytes()).hexdigest()
 
 
 def _record(out: Path, fingerprint: str, done: dict[str, int]) -> None:
@@ -283,13 +295,7 @@ def convert(
     src, out = Path(src), Path(out)
     ck = open_checkpoint(src)
     plan = plan_conversion(ck, recipe, method)
-    if imatrix is not None:
-        imatrix = Path(imatrix)
-        if not imatrix.is_file():
-            raise ConvertError(f"{imatrix}: importance file not found")
-        read_imatrix(imatrix, set())  # validates the file before any work
-        plan.imatrix = str(imatrix.resolve())
-        plan.imatrix_sha256 = hashlib.sha256(imatrix.read_bytes()).hexdigest()
+    pin_imatrix(plan, imatrix)
     fp = plan.fingerprint()
     done = _prepare_out(out, fp, resume)
     todo = [s for s in plan.shards if s.file not in done]

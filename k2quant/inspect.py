@@ -32,7 +32,7 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     total_params = sum(v["params"] for v in components.values())
     total_bytes = sum(v["bytes"] for v in components.values())
     per_token = _active_params(ck)
-    q = c.quantization_config or {}
+    q = c.quantization_config or ({"quant_method": "gguf"} if getattr(ck, "by_gguf", None) else {})
     return {
         "path": str(ck.path),
         "model_type": c.model_type,

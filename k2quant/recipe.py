@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .errors import K2QuantError
 from .names import parse_name
+from .quant.ggml import ggml_type
 from .quant.schemes import Scheme, parse_scheme
 
 LINEAR_COMPONENTS = ("attention", "dense_mlp", "shared_experts", "routed_experts")
@@ -35,16 +36,75 @@ PRESETS: dict[str, dict[str, str]] = {
     # every linear but the router and lm_head in FP8 block (vLLM / SGLang W8A8 block kernels)
     "fp8": dict.fromkeys(LINEAR_COMPONENTS, "fp8-block"),
 }
+# GGUF presets: llama.cpp's file types (the same per-tensor rules as llama-quantize) and k2quant's
+# MoE mixes (routed experts low, everything a token always passes through high)
+LLAMA_FTYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7), "q4_0": ("Q4_0", 2),
+                "q2_k": ("Q2_K", 10), "q3_k_m": ("Q3_K", 12), "q4_k_m": ("Q4_K", 15), "q5_k_m": ("Q5_K", 17),
+                "q6_k": ("Q6_K", 18)}  # fmt: skip
+K2_GGUF_MIXES = {  # experts gate/up, experts down, everything else (attention, shared, dense, embeddings), file type
+    "k2-q4": ("Q4_K", "Q5_K", "Q8_0", 15),
+    "k2-q3": ("Q3_K", "Q4_K", "Q6_K", 12),
+    "k2-q2": ("Q2_K", "Q3_K", "Q6_K", 10),
+}
+GGUF_PRESETS = [*LLAMA_FTYPES, *K2_GGUF_MIXES]
 
 
 class RecipeError(K2QuantError):
     pass
 
 
+def _more_bits(layer: int, n_layer: int) -> bool:
+    """llama-quantize's use_more_bits: the first and last eighth of the layers and every third between."""
+    return layer < n_layer // 8 or layer >= 7 * n_layer // 8 or (layer - n_layer // 8) % 3 == 2
+
+
+def gguf_preset_type(preset: str, name: str, layer: int | None, n_layer: int) -> str:
+    """The GGML type a GGUF preset gives a quantizable tensor (before the row-width fallback)."""
+    if preset in K2_GGUF_MIXES:
+        low, down, high, _ = K2_GGUF_MIXES[preset]
+        if name == "output.weight":
+            return "Q6_K" if high != "Q8_0" else "Q8_0"
+        if "_exps" in name:
+            return down if "ffn_down" in name else low
+        return high
+    base = LLAMA_FTYPES[preset][0]
+    if base in ("F32", "F16", "BF16"):
+        return base
+    if name == "output.weight":
+        return "Q8_0" if base == "Q8_0" else "Q6_K"
+    if "ffn_down" in name and layer is not None:
+        if preset == "q2_k":
+            return "Q3_K"
+        if preset == "q3_k_m":
+            return "Q5_K" if layer < n_layer // 16 else "Q4_K"
+        if preset in ("q4_k_m", "q5_k_m") and _more_bits(layer, n_layer):
+            return "Q6_K"
+    if "attn_output" in name:
+        return {"q2_k": "Q3_K", "q3_k_m": "Q4_K"}.get(preset, base)
+    return base
+
+
 @dataclass
 class Recipe:
     preset: str
-    overrides: list[tuple[re.Pattern, Scheme]] = field(default_factory=list)
+    overrides: list[tuple[re.Pattern, Scheme | str]] = field(default_factory=list)
+    target: str = "safetensors"
+
+    def gguf_type(self, name: str, modules: list[str], layer: int | None, n_layer: int) -> str:
+        """GGML type of a GGUF tensor (`name`, made of checkpoint `modules`): the preset's rule,
+        then overrides matching a module name or the GGUF name. Stacked experts share one type."""
+        base = gguf_preset_type(self.preset, name, layer, n_layer)
+        chosen = set()
+        for mod in modules:
+            t = base
+            for pattern, typ in self.overrides:
+                if pattern.search(mod) or pattern.search(name):
+                    t = typ
+            chosen.add(t)
+        if len(chosen) > 1:
+            raise RecipeError(f"tensor '{name}': its experts resolve to {', '.join(sorted(chosen))}; a GGUF "
+                              "tensor stacks a layer's experts in one type, so override whole layers")  # fmt: skip
+        return chosen.pop()
 
     def scheme_for(self, name: str) -> Scheme:
         """The scheme for a logical tensor name (`...q_a_proj.weight`)."""
@@ -60,7 +120,8 @@ class Recipe:
         return result
 
     def describe(self) -> dict:
-        return {"preset": self.preset, "overrides": [[p.pattern, s.name] for p, s in self.overrides]}
+        return {"preset": self.preset, "target": self.target,
+                "overrides": [[p.pattern, s if isinstance(s, str) else s.name] for p, s in self.overrides]}  # fmt: skip
 
 
 def expert_pattern(layer: int, experts: list[int]) -> str:
@@ -68,8 +129,12 @@ def expert_pattern(layer: int, experts: list[int]) -> str:
     return rf"^model\.layers\.{layer}\.mlp\.experts\.({ids})\.(gate_proj|up_proj|down_proj)$"
 
 
-def build_recipe(preset: str | None, recipe_file: str | Path | None = None, overrides: list[str] = ()) -> Recipe:
-    """Preset, then the recipe file's overrides, then command-line PATTERN=SCHEME overrides."""
+def build_recipe(
+    preset: str | None, recipe_file: str | Path | None = None, overrides: list[str] = (), target: str = "safetensors"
+) -> Recipe:
+    """Preset, then the recipe file's overrides, then command-line PATTERN=SCHEME overrides.
+
+    target "gguf": presets are GGUF_PRESETS and schemes are GGML type names (q4_k, q8_0, ...)."""
     pairs: list[tuple[str, str, str]] = []  # (pattern, scheme, where)
     if recipe_file is not None:
         path = Path(recipe_file)
@@ -95,14 +160,16 @@ def build_recipe(preset: str | None, recipe_file: str | Path | None = None, over
         pairs.append((pat, scheme, f"--override {o!r}"))
     if preset is None:
         raise RecipeError("no preset: pass --preset or set preset in the recipe file")
-    if preset not in PRESETS:
-        raise RecipeError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    presets = GGUF_PRESETS if target == "gguf" else list(PRESETS)
+    if preset not in presets:
+        raise RecipeError(f"unknown preset {preset!r} for --to {target}; presets: {', '.join(presets)}")
     compiled = []
     for pat, scheme, where in pairs:
         try:
-            compiled.append((re.compile(pat), parse_scheme(scheme)))
+            value = ggml_type(scheme).name if target == "gguf" else parse_scheme(scheme)
+            compiled.append((re.compile(pat), value))
         except re.error as e:
             raise RecipeError(f"{where}: bad pattern {pat!r} ({e})") from None
         except ValueError as e:
             raise RecipeError(f"{where}: {e}") from None
-    return Recipe(preset, compiled)
+    return Recipe(preset, compiled, target)

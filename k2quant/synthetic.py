@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from k2quant.formats.hf import save_safetensors, shard_name, write_json
+from k2quant.formats.tokenizer import save_tokenizer
 
 from .config import K2Config
 from .names import expected_shapes
@@ -105,6 +106,8 @@ def write_synthetic_checkpoint(
         return 0 if name.startswith("model.embed") else num_shards - 1
 
     write_json(out / "config.json", cfg)
+    if k2.vocab_size >= 512:  # a byte-level tokenizer (256 tokens + K2's 256 specials), so GGUF output has a vocabulary
+        save_tokenizer(out, {bytes([i]): i for i in range(256)})
     weight_map: dict[str, str] = {}
     total = 0
     for s in range(num_shards):

@@ -1,0 +1,152 @@
+"""Benchmark: FP8 release -> Q4_K_M GGUF, k2quant in one pass against llama.cpp's own two-step path.
+
+Input: the synthetic FP8-block checkpoint at real K2 dimensions from bench/convert.py
+(hidden 7168, expert width 2048, MLA 1536/512, 64 heads; fewer experts and layers so it
+fits a test machine). Both paths run with the same threads on the same input, warm cache:
+
+  * k2quant: `convert --to gguf --preset q4_k_m` (one process, streaming);
+  * llama.cpp: its convert_hf_to_gguf.py (FP8 -> BF16 GGUF; from the llama-cpp-python
+    source distribution, fetched with pip) then llama_model_quantize (BF16 -> Q4_K_M).
+
+Prints seconds, source GB/s and peak RSS for each, and the ratio. llama.cpp's converter
+loads a Kimi tokenizer through transformers with remote code, which a synthetic
+checkpoint does not have (and k2quant never runs); the bench replaces only its set_vocab
+with k2quant's tokenizer writer, so the weights go through llama.cpp's own code.
+
+Usage: python bench/gguf.py [--dir /tmp/k2bench] [--experts 8] [--moe-layers 1] [--method rtn|mse] [--json out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from convert import make, size, warm  # noqa: E402  (bench/convert.py)
+
+K2QUANT = r"""
+import json, sys, time, os
+from k2quant.convert_gguf import convert_gguf
+from k2quant.memory import peak_rss
+from k2quant.recipe import build_recipe
+import torch
+torch.set_num_threads(int(sys.argv[4]))
+t = time.time()
+s = convert_gguf(sys.argv[1], sys.argv[2], build_recipe("q4_k_m", target="gguf"), method=sys.argv[3], progress=False)
+os.sync()
+print(json.dumps({"seconds": time.time() - t, "bytes": s["bytes"], "bpw": s["bits_per_weight"],
+                  "peak_rss": peak_rss()}))
+"""
+
+LLAMA_CONVERT = r"""
+import sys, time, json, os
+sys.path.insert(0, sys.argv[1])
+sys.argv = [sys.argv[0], sys.argv[2], "--outtype", "bf16", "--outfile", sys.argv[3]]
+import conversion.deepseek as ds
+from k2quant.config import K2Config
+from k2quant.formats.gguf import add_tokenizer
+
+def set_vocab(self):  # the synthetic checkpoint has no remote-code Kimi tokenizer; everything else is llama.cpp's
+    add_tokenizer(self.gguf_writer, self.dir_model, self.hparams["vocab_size"])
+
+for cls in vars(ds).values():
+    if isinstance(cls, type) and issubclass(cls, ds.TextModel) and "DeepseekV2" in cls.__name__:
+        cls.set_vocab = set_vocab
+import convert_hf_to_gguf
+from k2quant.memory import peak_rss
+t = time.time()
+convert_hf_to_gguf.main()
+os.sync()
+print(json.dumps({"seconds": time.time() - t, "peak_rss": peak_rss()}))
+"""
+
+LLAMA_QUANTIZE = r"""
+import sys, time, json, os
+sys.path.insert(0, sys.argv[4])
+from llamacpp import llama_quantize
+from k2quant.memory import peak_rss
+t = time.time()
+llama_quantize(sys.argv[1], sys.argv[2], "q4_k_m", nthread=int(sys.argv[3]))
+os.sync()
+print(json.dumps({"seconds": time.time() - t, "bytes": os.path.getsize(sys.argv[2]), "peak_rss": peak_rss()}))
+"""
+
+
+def llama_source(root: Path) -> Path:
+    """vendor/llama.cpp of the installed llama-cpp-python's source distribution (pip download)."""
+    import importlib.metadata
+
+    ver = importlib.metadata.version("llama-cpp-python")
+    d = root / f"llama_cpp_python-{ver}"
+    if not (d / "vendor/llama.cpp/convert_hf_to_gguf.py").exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={ver}", "-d", str(root)], check=True, capture_output=True)  # fmt: skip
+        with tarfile.open(root / f"llama_cpp_python-{ver}.tar.gz") as tf:
+            tf.extractall(root, filter="data")
+    return d / "vendor/llama.cpp"
+
+
+def run(script: str, *args: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="/tmp/k2bench")
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--moe-layers", type=int, default=1)
+    ap.add_argument("--method", default="rtn", choices=["rtn", "mse"])
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    root = Path(a.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    src = make(root, a.moe_layers, a.experts)
+    gb = size(src) / 1e9
+    llama_dir = llama_source(root)
+    warm(src)
+    out = root / "gguf-k2quant"
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"source: {src} ({gb:.2f} GB FP8), {a.threads} threads", flush=True)
+    k = run(K2QUANT, str(src), str(out), a.method, str(a.threads))
+    print(f"k2quant  FP8 -> Q4_K_M ({a.method}): {k['seconds']:.1f} s, {gb / k['seconds']:.3f} GB/s, "
+          f"peak RSS {k['peak_rss'] / 1e9:.2f} GB, {k['bytes'] / 1e9:.2f} GB out", flush=True)  # fmt: skip
+    shutil.rmtree(out, ignore_errors=True)
+    warm(src)
+    bf16 = root / "llama-bf16.gguf"
+    q = root / "llama-q4_k_m.gguf"
+    c = run(LLAMA_CONVERT, str(llama_dir), str(src), str(bf16))
+    print(f"llama.cpp convert_hf_to_gguf FP8 -> BF16: {c['seconds']:.1f} s, peak RSS {c['peak_rss'] / 1e9:.2f} GB, "
+          f"{bf16.stat().st_size / 1e9:.2f} GB intermediate", flush=True)  # fmt: skip
+    qz = run(LLAMA_QUANTIZE, str(bf16), str(q), str(a.threads), str(Path(__file__).resolve().parent.parent / "tests"))
+    print(f"llama.cpp llama_model_quantize BF16 -> Q4_K_M: {qz['seconds']:.1f} s, "
+          f"peak RSS {qz['peak_rss'] / 1e9:.2f} GB", flush=True)  # fmt: skip
+    total = c["seconds"] + qz["seconds"]
+    res = {
+        "source_gb": gb, "threads": a.threads, "method": a.method,
+        "k2quant_seconds": k["seconds"], "k2quant_peak_rss": k["peak_rss"],
+        "llama_convert_seconds": c["seconds"], "llama_quantize_seconds": qz["seconds"], "llama_total_seconds": total,
+        "llama_peak_rss": max(c["peak_rss"], qz["peak_rss"]), "llama_intermediate_bytes": bf16.stat().st_size,
+        "speed_ratio_k2quant_over_llama": total / k["seconds"],
+    }  # fmt: skip
+    print(f"end to end: k2quant {k['seconds']:.1f} s vs llama.cpp {total:.1f} s -> k2quant is "
+          f"{total / k['seconds']:.2f}x llama.cpp's speed; peak RSS {k['peak_rss'] / 1e9:.2f} vs "
+          f"{res['llama_peak_rss'] / 1e9:.2f} GB")  # fmt: skip
+    bf16.unlink()
+    q.unlink()
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""`convert --to gguf`: a K2 checkpoint (FP8 release, BF16, INT4) to a llama.cpp GGUF in one pass.
+
+The whole file set is planned first (every tensor's GGML type, shape, bytes and file),
+so headers are written before any data and a split set is keyed like gguf-split from
+the start. Tensors are produced one at a time, and a stacked expert tensor one expert at
+a time, so peak memory is one expert's (or one dense tensor's) float copy. Each output
+file is written to a temporary name and renamed when complete; a journal records
+finished files for --resume; the summary is written last. Output bytes depend only on
+the inputs and settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from k2quant.formats.gguf import ARCH, add_metadata, add_tokenizer, split_kv_b, tensor_map
+from k2quant.formats.hf import write_json
+from k2quant.formats.imatrix import read_imatrix_gguf
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .convert import JOURNAL, SUMMARY, ConvertError, _prepare_out, _record, pin_imatrix
+from .names import parse_name
+from .quant import ggml
+from .recipe import K2_GGUF_MIXES, LLAMA_FTYPES, Recipe
+
+FORMAT_VERSION = 1
+ALIGN = 32
+
+
+@dataclass
+class PlannedGGUF:
+    name: str
+    type: str
+    shape: list[int]
+    sources: list[str]
+    kind: str
+    component: str
+    layer: int | None
+    nbytes: int
+    source_bytes: int
+
+    @property
+    def params(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class GGUFPlan:
+    source: str
+    recipe: dict
+    method: str
+    stem: str
+    files: list[list[PlannedGGUF]]
+    file_type: int
+    imatrix: str | None = None
+    imatrix_sha256: str | None = None
+
+    def file_names(self) -> list[str]:
+        n = len(self.files)
+        return [f"{self.stem}.gguf"] if n == 1 else [f"{self.stem}-{i + 1:05d}-of-{n:05d}.gguf" for i in range(n)]
+
+    def fingerprint(self) -> str:
+        plan = asdict(self)
+        plan.pop("imatrix")
+        blob = json.dumps({"v": FORMAT_VERSION, "plan": plan}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def tensors(self) -> list[PlannedGGUF]:
+        return [t for f in self.files for t in f]
+
+
+def parse_size(text: str | int | None) -> int:
+    """'48G', '500M', '2000000' -> bytes (gguf-split's --split-max-size units, powers of 1000)."""
+    if text is None or text == 0:
+        return 0
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(text).upper())
+    if not m:
+        raise ConvertError(f"--split-max-size {text!r}: expected a size such as 48G or 500M")
+    return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2) or " "))
+
+
+def plan_gguf(ck: Checkpoint, recipe: Recipe, method: str, stem: str, split_max_size: int = 0) -> GGUFPlan:
+    cfg = ck.config
+    planned = []
+    for gt in tensor_map(cfg):
+        for src in gt.sources:
+            if src not in ck:
+                raise ConvertError(f"{ck.path}: tensor '{src}' (needed for GGUF '{gt.name}') is missing")
+        if gt.kind == "f32":
+            t = "F32"
+        else:
+            t = ggml.fit_type(recipe.gguf_type(gt.name, gt.modules, gt.layer, cfg.num_hidden_layers), gt.shape[-1])
+        nbytes = math.prod(gt.shape[:-1]) * ggml.TYPES[t].row_bytes(gt.shape[-1])
+        src_bytes = sum(ck.info(s).stored_bytes for s in set(gt.sources))
+        if gt.kind == "v_b":
+            src_bytes = 0  # kv_b is counted once, with attn_k_b
+        planned.append(PlannedGGUF(gt.name, t, list(gt.shape), list(gt.sources), gt.kind,
+                                   parse_name(gt.sources[0]).component, gt.layer, nbytes, src_bytes))  # fmt: skip
+    files: list[list[PlannedGGUF]] = [[]]
+    size = 0
+    for p in planned:  # gguf-split's rule: a new file when this tensor would pass the limit
+        if split_max_size and files[-1] and size + p.nbytes > split_max_size:
+            files.append([])
+            size = 0
+        files[-1].append(p)
+        size += p.nbytes
+    if recipe.preset in K2_GGUF_MIXES:
+        ftype = K2_GGUF_MIXES[recipe.preset][3]
+    else:
+        ftype = LLAMA_FTYPES[recipe.preset][1]
+    return GGUFPlan(str(ck.path), recipe.describe(), method, stem, files, ftype)
+
+
+# ---------------------------------------------------------------------------- importance
+class _Importance:
+    """Per-column weights for a GGUF tensor (slice e of a stacked or per-head tensor) from an imatrix."""
+
+    def __init__(self, path: str | None, names: set[str]):
+        self.data = read_imatrix_gguf(path, names) if path else {}
+
+    def get(self, name: str, index: int = 0) -> torch.Tensor | None:
+        entry = self.data.get(name)
+        if entry is None:
+            return None
+        sums, counts = entry
+        if index >= sums.shape[0]:
+            index = 0
+        n = counts[index] if counts.shape[0] > index else counts[0]
+        if n <= 0:
+            return None  # no data: llama-quantize uses weight 1, i.e. the unweighted search
+        return torch.from_numpy(np.asarray(sums[index], dtype=np.float32) / np.float32(n))
+
+
+# ---------------------------------------------------------------------------- execution
+def _pieces(ck: Checkpoint, t: PlannedGGUF, method: str, imp: _Importance):
+    """The tensor's bytes in order, one expert or head at a time (uint8 tensors)."""
+    search = method == "mse"
+    if t.kind == "f32":
+        yield ck.tensor(t.sources[0], torch.float32).contiguous().view(torch.uint8).reshape(-1)
+        return
+    if t.kind == "experts":
+        for e, src in enumerate(t.sources):
+            yield ggml.quantize(ck.tensor(src, torch.float32), t.type, imp.get(t.name, e), search).reshape(-1)
+        return
+    w = ck.tensor(t.sources[0], torch.float32)
+    if t.kind in ("k_b", "v_b"):
+        w = split_kv_b(w, ck.config, t.kind)
+        for h in range(w.shape[0]):
+            yield ggml.quantize(w[h], t.type, imp.get(t.name, h), search).reshape(-1)
+        return
+    yield ggml.quantize(w, t.type, imp.get(t.name), search).reshape(-1)
+
+
+def _write_file(ck: Checkpoint, plan: GGUFPlan, index: int, out: Path, imp: _Importance, bar) -> int:
+    import gguf
+
+    names = plan.file_names()
+    path = out / names[index]
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = plan.files[index]
+    w = gguf.GGUFWriter(str(tmp), ARCH)
+    if index == 0:
+        cfg = ck.config
+        add_metadata(w, cfg, plan.stem, plan.file_type)
+        add_tokenizer(w, ck.path, cfg.vocab_size)
+    else:  # as gguf-split: model keys only in the first file
+        w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)
+    if len(plan.files) > 1:
+        w.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_NO, index)
+        w.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, len(plan.files))
+        w.add_int32(gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, len(plan.tensors))
+    for t in tensors:
+        row_bytes = ggml.TYPES[t.type].row_bytes(t.shape[-1])
+        w.add_tensor_info(t.name, (*t.shape[:-1], row_bytes), np.dtype(np.uint8), t.nbytes,
+                          raw_dtype=gguf.GGMLQuantizationType(ggml.TYPES[t.type].id))  # fmt: skip
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        fout = w.fout[0]
+        for t in tensors:
+            fout.write(b"\0" * (-fout.tell() % ALIGN))
+            written = 0
+            for piece in _pieces(ck, t, plan.method, imp):
+                fout.write(piece.numpy().tobytes())
+                written += piece.numel()
+            if written != t.nbytes:
+                raise ConvertError(f"tensor '{t.name}': wrote {written} bytes, planned {t.nbytes}")
+            fout.write(b"\0" * (-written % ALIGN))
+            bar.update(t.source_bytes)
+        w.close()
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+    return path.stat().st_size
+
+
+def convert_gguf(
+    src: str | Path,
+    out: str | Path,
+    recipe: Recipe,
+    *,
+    method: str = "mse",
+    resume: bool = False,
+    progress: bool = True,
+    imatrix: str | Path | None = None,
+    split_max_size: int | str | None = None,
+    name: str | None = None,
+) -> dict:
+    """Convert a checkpoint to GGUF file(s) in `out`; returns the summary.
+
+    method "mse": both of llama.cpp's scale searches plus a scale polish, the lower error per
+    block; "rtn": llama.cpp's own procedure only (faster). `imatrix` weights the searches."""
+    if method not in ("mse", "rtn"):
+        raise ConvertError(f"unknown method {method!r} (mse or rtn)")
+    t0 = time.time()
+    src, out = Path(src), Path(out)
+    ck = open_checkpoint(src)
+    stem = name or f"{src.name}-{recipe.preset.upper()}"
+    plan = plan_gguf(ck, recipe, method, stem, parse_size(split_max_size))
+    pin_imatrix(plan, imatrix)
+    fp = plan.fingerprint()
+    done = _prepare_out(out, fp, resume)
+    names = plan.file_names()
+    imp = _Importance(plan.imatrix, {t.name for t in plan.tensors})
+    total = sum(t.source_bytes for t in plan.tensors)
+    finished = sum(t.source_bytes for i, f in enumerate(plan.files) if names[i] in done for t in f)
+    bar = tqdm(total=total, initial=finished, unit="B", unit_scale=True, unit_divisor=1024, desc="converting",
+               disable=not progress, smoothing=0.1)  # fmt: skip
+    for i in range(len(plan.files)):
+        if names[i] in done:
+            continue
+        done[names[i]] = _write_file(ck, plan, i, out, imp, bar)
+        _record(out, fp, done)
+    bar.close()
+    summary = _summary(plan, out, time.time() - t0)
+    write_json(out / SUMMARY, summary)
+    (out / JOURNAL).unlink()
+    return summary
+
+
+def _summary(plan: GGUFPlan, out: Path, seconds: float) -> dict:
+    comps: dict[str, dict] = {}
+    types: dict[str, int] = {}
+    for t in plan.tensors:
+        c = comps.setdefault(t.component, {"params": 0, "bytes": 0, "schemes": {}})
+        c["params"] += t.params
+        c["bytes"] += t.nbytes
+        c["schemes"][t.type] = c["schemes"].get(t.type, 0) + t.params
+        types[t.type] = types.get(t.type, 0) + 1
+    for c in comps.values():
+        c["bits_per_weight"] = round(8 * c["bytes"] / c["params"], 3)
+    params = sum(t.params for t in plan.tensors)
+    size = sum(t.nbytes for t in plan.tensors)
+    src = sum(t.source_bytes for t in plan.tensors)
+    return {
+        "format": "gguf",
+        "source": plan.source,
+        "output": str(out),
+        "files": plan.file_names(),
+        "recipe": plan.recipe,
+        "method": plan.method,
+        "imatrix": plan.imatrix,
+        "fingerprint": plan.fingerprint()[:16],
+        "shards": len(plan.files),
+        "tensors": len(plan.tensors),
+        "types": dict(sorted(types.items())),
+        "params": params,
+        "source_bytes": src,
+        "bytes": size,
+        "bits_per_weight": round(8 * size / params, 3),
+        "copied_bit_exact": 0,
+        "quantized": len(plan.tensors),
+        "components": comps,
+        "seconds": round(seconds, 2),
+        "source_gb_per_s": round(src / max(seconds, 1e-9) / 1e9, 4),
+    }

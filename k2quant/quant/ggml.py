@@ -1,0 +1,623 @@
+"""llama.cpp's tensor types (GGML): encoders and decoders, vectorized in torch.
+
+Block layouts are ggml-common.h's byte for byte, so gguf-py and llama.cpp read what
+`quantize` writes, and `dequantize` returns exactly the floats gguf-py's dequantize does
+(same float32 operations). The scale searches follow ggml-quants.c's families: the
+asymmetric min/scale fit of make_qkx2/qkx3 (Q2_K, Q4_K, Q5_K, Q5_1), the symmetric
+make_qx fit (Q3_K, Q6_K, Q4_0, Q5_0), make_qp for the super-block scales, and the
+importance weights llama-quantize applies (qw * sqrt(sigma2 + x^2)). llama.cpp runs one
+procedure without an imatrix (its reference path) and another with one; with
+search=True k2quant runs both and keeps, per block, the one with the lower error
+(weighted by the importance when there is one), so it is not worse than either.
+Everything is requantized against the stored fp16 scales, as llama.cpp's k-quants do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QK_K = 256
+_TINY = 1e-15  # GROUP_MAX_EPS
+_ELEMS_PER_CHUNK = 1 << 17  # bounds the (blocks x candidates x block) search tensors to ~20 MB each
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    name: str
+    id: int  # GGMLQuantizationType value
+    block: int  # weights per block
+    nbytes: int  # bytes per block
+
+    def row_bytes(self, ncols: int) -> int:
+        return ncols // self.block * self.nbytes
+
+    @property
+    def quantized(self) -> bool:
+        return self.name not in ("F32", "F16", "BF16")
+
+
+TYPES = {
+    t.name: t
+    for t in (
+        GGMLType("F32", 0, 1, 4),
+        GGMLType("F16", 1, 1, 2),
+        GGMLType("BF16", 30, 1, 2),
+        GGMLType("Q4_0", 2, 32, 18),
+        GGMLType("Q5_0", 6, 32, 22),
+        GGMLType("Q5_1", 7, 32, 24),
+        GGMLType("Q8_0", 8, 32, 34),
+        GGMLType("Q2_K", 10, QK_K, 84),
+        GGMLType("Q3_K", 11, QK_K, 110),
+        GGMLType("Q4_K", 12, QK_K, 144),
+        GGMLType("Q5_K", 13, QK_K, 176),
+        GGMLType("Q6_K", 14, QK_K, 210),
+    )
+}
+BY_ID = {t.id: t for t in TYPES.values()}
+# llama-quantize's tensor_type_fallback: a row that is not a whole number of 256-blocks
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def ggml_type(name: str) -> GGMLType:
+    t = TYPES.get(name.upper())
+    if t is None:
+        raise ValueError(f"unknown GGML type {name!r}; k2quant writes {', '.join(TYPES)}")
+    return t
+
+
+def fit_type(name: str, ncols: int) -> str:
+    """The type llama-quantize would use for rows of `ncols` weights (its fallback chain, then F16)."""
+    t = ggml_type(name)
+    if ncols % t.block == 0:
+        return t.name
+    fb = FALLBACK.get(t.name)
+    if fb and ncols % TYPES[fb].block == 0:
+        return fb
+    return "F16"
+
+
+# ---------------------------------------------------------------------------- searches
+def _rint(v: torch.Tensor) -> torch.Tensor:
+    """nearest_int: round half to even, as ggml's float trick does."""
+    return torch.round(v)
+
+
+def _roundf(v: torch.Tensor) -> torch.Tensor:
+    """C roundf: half away from zero."""
+    return torch.sign(v) * torch.floor(v.abs() + 0.5)
+
+
+def _fp16(v: torch.Tensor) -> torch.Tensor:
+    return v.to(torch.float16).to(torch.float32)
+
+
+def _fit_asym(x, w, nmax, rmin, rdelta, nstep, use_mad=False):
+    """Per row of x (B, n): (scale, m) with x ~ scale * L - m, L in 0..nmax (make_qkx2/3_quants).
+
+    Start from the plain min..max grid; each step stretches the grid over the current
+    (max - min), solves the weighted least squares for scale and min, and keeps the result
+    when its weighted error is lower. As in ggml, an accepted step moves the min that later
+    steps start from, so the steps run in order (each one vectorized over the blocks)."""
+    mn = x.amin(1, keepdim=True).clamp(max=0)
+    mx = x.amax(1, keepdim=True)
+    flat = (mx - mn) <= 0
+    one = torch.ones_like(mn)
+
+    def error(scale, m, L):
+        d = scale * L + m - x
+        return (w * (d.abs() if use_mad else d * d)).sum(1, keepdim=True)
+
+    iscale = nmax / torch.where(flat, one, mx - mn)
+    scale = 1 / iscale
+    best = error(scale, mn, torch.clamp(_rint(iscale * (x - mn)), 0, nmax))
+    sum_w = w.sum(1, keepdim=True)
+    sum_x = (w * x).sum(1, keepdim=True)
+    for i in range(nstep + 1):
+        iscale = (rmin + rdelta * i + nmax) / torch.where(flat, one, mx - mn)
+        L = torch.clamp(_rint(iscale * (x - mn)), 0, nmax)
+        wl = w * L
+        sum_l = wl.sum(1, keepdim=True)
+        sum_l2 = (wl * L).sum(1, keepdim=True)
+        sum_xl = (wl * x).sum(1, keepdim=True)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        ok = D > 0
+        Ds = torch.where(ok, D, one)
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
+        pos = this_min > 0
+        this_scale = torch.where(pos, sum_xl / torch.where(sum_l2 > 0, sum_l2, one), this_scale)
+        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        err = error(this_scale, this_min, L)
+        take = ok & (err < best)
+        best = torch.where(take, err, best)
+        scale = torch.where(take, this_scale, scale)
+        mn = torch.where(take, this_min, mn)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    return scale.squeeze(1), -mn.squeeze(1)
+
+
+def _fit_sym(x, w, nmax):
+    """Per row of x (B, n): (scale, L) with x ~ scale * L, L in -nmax..nmax-1 (make_qx_quants, weighted).
+
+    Tries the grid through the largest |x| and 18 stretched ones; keeps the best least-squares fit."""
+    amax, idx = x.abs().max(1)
+    mx = x.gather(1, idx[:, None]).squeeze(1)
+    zero = amax < _TINY
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+    offs = torch.tensor([0.0] + [0.1 * i for i in range(-9, 10) if i])
+    iscale = -(nmax + offs)[None, :] / mx[:, None]
+    L = torch.clamp(_rint(iscale[:, :, None] * x[:, None, :]), -nmax, nmax - 1)
+    sumlx = torch.einsum("bkn,bn->bk", L, w * x)
+    suml2 = torch.einsum("bkn,bn->bk", L * L, w)
+    ok = suml2 > 0
+    score = sumlx * sumlx / torch.where(ok, suml2, torch.ones_like(suml2))
+    score = torch.where(ok, score, torch.full_like(score, -float("inf")))
+    score[:, 0] = torch.where(ok[:, 0], score[:, 0], torch.zeros_like(score[:, 0]))
+    k = score.argmax(1, keepdim=True)
+    lx = sumlx.gather(1, k).squeeze(1)
+    l2 = suml2.gather(1, k).squeeze(1)
+    scale = torch.where(l2 > 0, lx / torch.where(l2 > 0, l2, torch.ones_like(l2)), torch.zeros_like(lx))
+    Lk = L.gather(1, k[:, :, None].expand(-1, 1, L.shape[2])).squeeze(1)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    Lk = torch.where(zero[:, None], torch.zeros_like(Lk), Lk)
+    return scale, Lk
+
+
+def _descend(x, w, L, lo, hi, need_sl2):
+    """Five passes of ggml's coordinate descent: move one L at a time to its best level given the
+    others, keeping the move when it raises sum(wxL)^2 / sum(wL^2). Returns the least-squares scale."""
+    sumlx = (w * x * L).sum(1)
+    suml2 = (w * L * L).sum(1)
+    for _ in range(5):
+        changed = False
+        for i in range(x.shape[1]):
+            w_i, x_i, l_i = w[:, i], x[:, i], L[:, i]
+            slx = sumlx - w_i * x_i * l_i
+            sl2 = suml2 - w_i * l_i * l_i
+            ok = (slx > 0) & (sl2 > 0) if need_sl2 else slx > 0
+            new_l = torch.clamp(_rint(x_i * sl2 / torch.where(ok, slx, torch.ones_like(slx))), lo, hi)
+            slx2 = slx + w_i * x_i * new_l
+            sl22 = sl2 + w_i * new_l * new_l
+            accept = ok & (new_l != l_i) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            if accept.any():
+                changed = True
+                L[:, i] = torch.where(accept, new_l, l_i)
+                sumlx = torch.where(accept, slx2, sumlx)
+                suml2 = torch.where(accept, sl22, suml2)
+        if not changed:
+            break
+    ok = suml2 > 0
+    return torch.where(ok, sumlx / torch.where(ok, suml2, torch.ones_like(suml2)), torch.zeros_like(sumlx))
+
+
+def _fit_q3(x, nmax):
+    """make_q3_quants with rmse: x^2-weighted grid through the largest |x|, then coordinate descent."""
+    amax, idx = x.abs().max(1)
+    mx = x.gather(1, idx[:, None]).squeeze(1)
+    zero = amax < _TINY
+    iscale = -nmax / torch.where(zero, torch.ones_like(mx), mx)
+    L = torch.clamp(_rint(iscale[:, None] * x), -nmax, nmax - 1)
+    scale = _descend(x, x * x, L, -nmax, nmax - 1, need_sl2=False)
+    return torch.where(zero, torch.zeros_like(scale), scale)
+
+
+def _fit_scales(v, sw, nmax):
+    """Quantize non-negative sub-block scales v (B, n) to 0..nmax with weights sw (make_qp_quants):
+    the best of 9 grids, then coordinate descent on each L. Returns (d, L)."""
+    mx = v.amax(1)
+    zero = mx < _TINY
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+    factors = torch.tensor([float(nmax)] + [nmax + 0.1 * i for i in range(-4, 5) if i])
+    iscale = factors[None, :] / mx[:, None]
+    L = torch.clamp(_rint(iscale[:, :, None] * v[:, None, :]), max=nmax)
+    diff = v[:, None, :] - L / iscale[:, :, None]
+    mse = (sw[:, None, :] * diff * diff).sum(2)
+    k = mse.argmin(1, keepdim=True)
+    L = torch.clamp(_rint(iscale.gather(1, k) * v), max=nmax)
+    d = _descend(v, sw, L, -(2**31), nmax, need_sl2=True)
+    d = torch.where(zero, torch.zeros_like(d), d)
+    return d, torch.where(zero[:, None], torch.zeros_like(L), L)
+
+
+def _max_scales(v, nmax):
+    """Reference path: scales over the largest one, (d, L in 0..nmax)."""
+    mx = v.amax(1)
+    inv = torch.where(mx > 0, nmax / torch.where(mx > 0, mx, torch.ones_like(mx)), torch.zeros_like(mx))
+    return mx / nmax, torch.clamp(_rint(inv[:, None] * v), 0, nmax)
+
+
+def _signed_max(v):
+    """The element of each row with the largest magnitude (sign kept)."""
+    idx = v.abs().argmax(1, keepdim=True)
+    return v.gather(1, idx).squeeze(1)
+
+
+def _pick(cands, x, mw):
+    """Per block, the candidate (dict with 'deq' and its stored fields) with the lowest weighted error."""
+    if len(cands) == 1:
+        return cands[0]
+    errs = torch.stack([(mw * (c["deq"] - x) ** 2).sum(1) for c in cands])  # (C, B)
+    best = errs.argmin(0)
+    out = {}
+    for key in cands[0]:
+        vals = torch.stack([c[key] for c in cands])  # (C, B, ...)
+        idx = best.view(1, -1, *([1] * (vals.dim() - 2))).expand(1, *vals.shape[1:])
+        out[key] = vals.gather(0, idx).squeeze(0)
+    return out
+
+
+_POLISH = (0.99, 0.995, 1.005, 1.01)
+
+
+def _polish(c, x, mw, requant, keys):
+    """Try the chosen block scales nudged by +-0.5% and +-1% (one key at a time), requantizing
+    the weights against each; keep what lowers the block's error."""
+    cands = [c]
+    for key in keys:
+        for f in _POLISH:
+            args = {k: c[k] for k in ("d", "dm", "m", "ls", "lm", "sc") if k in c}
+            args[key] = _fp16(c[key] * f)
+            cands.append(requant(**args))
+    return _pick(cands, x, mw)
+
+
+def _bytes_f16(v: torch.Tensor) -> torch.Tensor:
+    return v.to(torch.float16).reshape(-1, 1).view(torch.uint8)
+
+
+def _pack2(L: torch.Tensor) -> torch.Tensor:
+    """Four 2-bit values per byte: for each 128-weight half, byte l holds l, l+32, l+64, l+96."""
+    B = L.shape[0]
+    L = L.to(torch.uint8).view(B, -1, 4, 32)
+    return (L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)).reshape(B, -1)
+
+
+# ---------------------------------------------------------------------------- k-quants
+def _k_scales_bytes(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """Q4_K / Q5_K: eight 6-bit scales and mins in 12 bytes (get_scale_min_k4's inverse)."""
+    ls, lm = ls.to(torch.uint8), lm.to(torch.uint8)
+    lo = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    mid = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    hi = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    return torch.cat([lo, mid, hi], 1)
+
+
+def _asym_kquant(x, qw, search, sub, nmax, smax, ref):
+    """Q2_K / Q4_K / Q5_K: sub-blocks of `sub` weights, x ~ d*sc*L - dmin*m, L in 0..nmax, sc and m in 0..smax.
+
+    ref = (weights function, rmin, rdelta, nstep, use_mad) of llama.cpp's reference path; its
+    weighted path fits with qw * sqrt(sigma2 + x^2) and make_qp for the scales."""
+    B = x.shape[0]
+    n = QK_K // sub
+    xs = x.view(B, n, sub)
+    mw = qw if qw is not None else torch.ones_like(x)
+    fits = []
+    if qw is None or search:  # llama.cpp's reference path
+        weights, rmin, rdelta, nstep, use_mad = ref
+        s, m = _fit_asym(xs.reshape(-1, sub), weights(xs).reshape(-1, sub), nmax, rmin, rdelta, nstep, use_mad)
+        d, ls = _max_scales(s.view(B, n), smax)
+        dm, lm = _max_scales(m.view(B, n), smax)
+        fits.append((d, dm, ls, lm))
+    if qw is not None or search:  # llama.cpp's weighted path (Q2_K's sigma2 has no factor 2)
+        sigma2 = (1 if nmax == 3 else 2) * (x * x).sum(1, keepdim=True) / QK_K
+        if qw is not None:
+            w = qw * torch.sqrt(sigma2 + x * x)
+        else:
+            w = torch.sqrt(sigma2 + x * x) if nmax == 3 else torch.sqrt(sigma2) + x.abs()
+        s, m = _fit_asym(xs.reshape(-1, sub), w.reshape(-1, sub), nmax, -0.9, 0.05, 36)
+        sw = w.view(B, n, sub).sum(2)
+        d, ls = _fit_scales(s.view(B, n), sw, smax)
+        dm, lm = _fit_scales(m.view(B, n), sw, smax)
+        fits.append((d, dm, ls, lm))
+
+    def requant(d, dm, ls, lm):
+        de = (d[:, None] * ls)[:, :, None]
+        me = (dm[:, None] * lm)[:, :, None]
+        nz = de != 0
+        L = torch.where(nz, torch.clamp(_rint((xs + me) / torch.where(nz, de, torch.ones_like(de))), 0, nmax), 0)
+        return {"d": d, "dm": dm, "ls": ls, "lm": lm, "L": L.reshape(B, QK_K), "deq": (de * L - me).reshape(B, QK_K)}
+
+    c = _pick([requant(_fp16(d), _fp16(dm), ls, lm) for d, dm, ls, lm in fits], x, mw)
+    if search:
+        c = _polish(c, x, mw, requant, ("d", "dm"))
+    return c
+
+
+def _q45_k(x, qw, nmax, search):
+    B = x.shape[0]
+
+    def ref_weights(xs):
+        return torch.sqrt((xs * xs).mean(2, keepdim=True)) + xs.abs()
+
+    ref = (ref_weights, -1.0, 0.1, 20, False) if nmax == 15 else (ref_weights, -0.5, 0.1, 15, False)
+    c = _asym_kquant(x, qw, search, 32, nmax, 63, ref)
+    L = c["L"].to(torch.uint8).view(B, 4, 2, 32)
+    qs = ((L[:, :, 0] & 0xF) | ((L[:, :, 1] & 0xF) << 4)).reshape(B, 128)
+    parts = [_bytes_f16(c["d"]), _bytes_f16(c["dm"]), _k_scales_bytes(c["ls"], c["lm"])]
+    if nmax == 31:
+        hb = (L >> 4).view(B, 8, 32)  # sub-block j's fifth bits go to bit j of qh[l]
+        qh = torch.zeros(B, 32, dtype=torch.uint8)
+        for j in range(8):
+            qh |= hb[:, j] << j
+        parts.append(qh)
+    parts.append(qs)
+    return torch.cat(parts, 1)
+
+
+def _q2_k(x, qw, search):
+    c = _asym_kquant(x, qw, search, 16, 3, 15, (torch.abs, -0.5, 0.1, 15, True))
+    sc = c["ls"].to(torch.uint8) | (c["lm"].to(torch.uint8) << 4)
+    return torch.cat([sc, _pack2(c["L"]), _bytes_f16(c["d"]), _bytes_f16(c["dm"])], 1)
+
+
+def _q3_k(x, qw, search):
+    B = x.shape[0]
+    xs = x.view(B, 16, 16)
+    mw = qw if qw is not None else torch.ones_like(x)
+    fits = []
+    if qw is None or search:  # reference: x^2-weighted fits, scales over the largest
+        s = _fit_q3(xs.reshape(-1, 16), 4).view(B, 16)
+        ms = _signed_max(s)
+        nz = ms != 0
+        isc = torch.where(nz, -32 / torch.where(nz, ms, torch.ones_like(ms)), torch.zeros_like(ms))
+        ls = torch.clamp(_rint(isc[:, None] * s), -32, 31)
+        fits.append((torch.where(nz, 1 / torch.where(nz, isc, torch.ones_like(isc)), torch.zeros_like(isc)), ls))
+    if qw is not None or search:
+        sigma2 = 2 * (x * x).sum(1, keepdim=True) / QK_K
+        w = qw * torch.sqrt(sigma2 + x * x) if qw is not None else x * x
+        s, _ = _fit_sym(xs.reshape(-1, 16), w.reshape(-1, 16), 4)
+        d, ls = _fit_sym(s.view(B, 16), w.view(B, 16, 16).sum(2), 32)
+        fits.append((d, ls))
+
+    def requant(d, ls):
+        de = (d[:, None] * ls)[:, :, None]
+        nz = de != 0
+        L = torch.where(nz, torch.clamp(_rint(xs / torch.where(nz, de, torch.ones_like(de))), -4, 3), 0)
+        return {"d": d, "ls": ls, "L": L.reshape(B, QK_K), "deq": (de * L).reshape(B, QK_K)}
+
+    c = _pick([requant(_fp16(d), ls) for d, ls in fits], x, mw)
+    if search:
+        c = _polish(c, x, mw, requant, ("d",))
+    Ls = (c["ls"] + 32).to(torch.uint8)
+    sc = torch.zeros(B, 12, dtype=torch.uint8)
+    sc[:, :8] = (Ls[:, :8] & 0xF) | ((Ls[:, 8:] & 0xF) << 4)
+    hi = Ls >> 4
+    for j in range(16):
+        sc[:, 8 + j % 4] |= hi[:, j] << (2 * (j // 4))
+    L = (c["L"] + 4).to(torch.uint8)
+    high = (L > 3).view(B, 8, 32)  # element j: hmask byte j % 32, bit j // 32
+    hmask = torch.zeros(B, 32, dtype=torch.uint8)
+    for b in range(8):
+        hmask |= high[:, b].to(torch.uint8) << b
+    L = torch.where(L > 3, L - 4, L)
+    return torch.cat([hmask, _pack2(L), sc, _bytes_f16(c["d"])], 1)
+
+
+def _q6_k(x, qw, search):
+    B = x.shape[0]
+    xs = x.view(B, 16, 16).reshape(-1, 16)
+    mw = qw if qw is not None else torch.ones_like(x)
+    weights = []
+    if qw is None or search:
+        weights.append(xs * xs)
+    if qw is not None:
+        weights.append(qw.reshape(-1, 16))
+    elif search:
+        weights.append(torch.ones_like(xs))
+
+    def requant(d, sc):
+        de = (d[:, None] * sc)[:, :, None]
+        nz = de != 0
+        xv = x.view(B, 16, 16)
+        L = torch.where(nz, torch.clamp(_rint(xv / torch.where(nz, de, torch.ones_like(de))), -32, 31), 0)
+        return {"d": d, "sc": sc, "L": L.reshape(B, QK_K), "deq": (de * L).reshape(B, QK_K)}
+
+    cands = []
+    for w in weights:
+        s, _ = _fit_sym(xs, w, 32)
+        s = s.view(B, 16)
+        ms = _signed_max(s)
+        nz = ms.abs() >= _TINY
+        isc = torch.where(nz, -128 / torch.where(nz, ms, torch.ones_like(ms)), torch.zeros_like(ms))
+        d = _fp16(torch.where(nz, 1 / torch.where(nz, isc, torch.ones_like(isc)), torch.zeros_like(isc)))
+        sc = torch.clamp(_rint(isc[:, None] * s), max=127)
+        cands.append(requant(d, sc))
+    c = _pick(cands, x, mw)
+    if search:
+        c = _polish(c, x, mw, requant, ("d",))
+    L = (c["L"] + 32).to(torch.uint8).view(B, 2, 4, 32)  # half, quarter, l
+    ql = torch.cat([(L[:, :, 0] & 0xF) | ((L[:, :, 2] & 0xF) << 4), (L[:, :, 1] & 0xF) | ((L[:, :, 3] & 0xF) << 4)], 2)
+    qh = (L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4) | ((L[:, :, 3] >> 4) << 6)
+    return torch.cat([ql.reshape(B, 128), qh.reshape(B, 64), c["sc"].to(torch.int8).view(torch.uint8),
+                      _bytes_f16(c["d"])], 1)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- 32-blocks
+def _q_sym32(x, qw, sigma2, nmax, search):
+    """Q4_0 (nmax 8) and Q5_0 (nmax 16): d * (L - nmax)."""
+    mw = qw if qw is not None else torch.ones_like(x)
+    ds = []
+    if qw is None or search:  # reference: the grid through the largest |x|, d = max / -nmax
+        ds.append(_signed_max(x) / -nmax)
+    if qw is not None or search:
+        w = (qw if qw is not None else 1.0) * torch.sqrt(sigma2 + x * x)
+        ds.append(_fit_sym(x, w, nmax)[0])
+
+    def requant(d):
+        nz = (d != 0)[:, None]
+        L = torch.where(nz, torch.clamp(_rint(x / torch.where(nz, d[:, None], 1.0)), -nmax, nmax - 1), 0)
+        return {"d": d, "L": L, "deq": d[:, None] * L}
+
+    c = _pick([requant(_fp16(d)) for d in ds], x, mw)
+    if search:
+        c = _polish(c, x, mw, requant, ("d",))
+    L = (c["L"] + nmax).to(torch.uint8)
+    qs = (L[:, :16] & 0xF) | ((L[:, 16:] & 0xF) << 4)
+    if nmax == 8:
+        return torch.cat([_bytes_f16(c["d"]), qs], 1)
+    return torch.cat([_bytes_f16(c["d"]), _bits32(L >> 4), qs], 1)
+
+
+def _bits32(bits: torch.Tensor) -> torch.Tensor:
+    """32 one-bit values per row -> 4 bytes, element j at bit j (little-endian uint32)."""
+    b = bits.to(torch.uint8).view(-1, 4, 8)
+    out = torch.zeros(b.shape[0], 4, dtype=torch.uint8)
+    for i in range(8):
+        out |= b[:, :, i] << i
+    return out
+
+
+def _q5_1(x, qw, sigma2, search):
+    mw = qw if qw is not None else torch.ones_like(x)
+    fits = []
+    if qw is None or search:
+        mn, mx = x.amin(1), x.amax(1)
+        fits.append(((mx - mn) / 31, mn))
+    if qw is not None or search:
+        w = (qw if qw is not None else 1.0) * torch.sqrt(sigma2 + x * x)
+        s, m = _fit_asym(x, w, 31, -0.9, 0.05, 36)
+        fits.append((s, -m))
+
+    def requant(d, m):
+        nz = (d != 0)[:, None]
+        L = torch.where(nz, torch.clamp(_rint((x - m[:, None]) / torch.where(nz, d[:, None], 1.0)), 0, 31), 0)
+        return {"d": d, "m": m, "L": L, "deq": d[:, None] * L + m[:, None]}
+
+    c = _pick([requant(_fp16(d), _fp16(m)) for d, m in fits], x, mw)
+    if search:
+        c = _polish(c, x, mw, requant, ("d", "m"))
+    L = c["L"].to(torch.uint8)
+    qs = (L[:, :16] & 0xF) | ((L[:, 16:] & 0xF) << 4)
+    return torch.cat([_bytes_f16(c["d"]), _bytes_f16(c["m"]), _bits32(L >> 4), qs], 1)
+
+
+def _q8_0(x):
+    """Q8_0 exactly as ggml's reference: d = amax / 127, q = roundf(x / d)."""
+    d = x.abs().amax(1) / 127
+    inv = torch.where(d != 0, 1 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    q = _roundf(x * inv[:, None]).to(torch.int8).view(torch.uint8)
+    return torch.cat([_bytes_f16(d), q], 1)
+
+
+# ---------------------------------------------------------------------------- public
+def quantize(
+    w: torch.Tensor, type_name: str, importance: torch.Tensor | None = None, search: bool = True
+) -> torch.Tensor:
+    """Encode a 2-D float weight (rows, cols) as `type_name`; returns uint8 (rows, row_bytes).
+
+    importance: per input column (llama-quantize's imatrix column weights, mean x^2);
+    search=False runs only llama.cpp's own procedure for the case (fastest)."""
+    t = ggml_type(type_name)
+    rows, cols = w.shape
+    if cols % t.block:
+        raise ValueError(f"{t.name} needs rows that are a multiple of {t.block} weights, got {cols}")
+    if t.name == "F32":
+        return w.to(torch.float32).contiguous().view(torch.uint8)
+    if t.name in ("F16", "BF16"):
+        return w.to(torch.float16 if t.name == "F16" else torch.bfloat16).contiguous().view(torch.uint8)
+    if importance is not None:
+        importance = importance.to(torch.float32).reshape(1, cols)
+    rows_per_chunk = max(1, _ELEMS_PER_CHUNK // cols)
+    out = torch.empty(rows, t.row_bytes(cols), dtype=torch.uint8)
+    for r0 in range(0, rows, rows_per_chunk):
+        x = w[r0 : r0 + rows_per_chunk].to(torch.float32)
+        n = x.shape[0]
+        qw = importance.expand(n, cols).reshape(-1, t.block) if importance is not None else None
+        sigma2 = ((x * x).sum(1, keepdim=True) / cols).expand(n, cols // t.block).reshape(-1, 1)
+        xb = x.reshape(-1, t.block)
+        if t.name == "Q8_0":
+            enc = _q8_0(xb)
+        elif t.name in ("Q4_0", "Q5_0"):
+            enc = _q_sym32(xb, qw, sigma2, 8 if t.name == "Q4_0" else 16, search)
+        elif t.name == "Q5_1":
+            enc = _q5_1(xb, qw, sigma2, search)
+        elif t.name == "Q2_K":
+            enc = _q2_k(xb, qw, search)
+        elif t.name == "Q3_K":
+            enc = _q3_k(xb, qw, search)
+        elif t.name in ("Q4_K", "Q5_K"):
+            enc = _q45_k(xb, qw, 15 if t.name == "Q4_K" else 31, search)
+        else:
+            enc = _q6_k(xb, qw, search)
+        out[r0 : r0 + n] = enc.reshape(n, -1)
+    return out
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).to(torch.float32).reshape(-1, 1)
+
+
+def _unpack2(qs: torch.Tensor) -> torch.Tensor:
+    B = qs.shape[0]
+    q = qs.view(B, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)
+    return (q & 3).reshape(B, QK_K)
+
+
+def _k_scales(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d, m, md = sc[:, :4], sc[:, 4:8], sc[:, 8:]
+    s = torch.cat([d & 63, (md & 0xF) | ((d >> 2) & 0x30)], 1)
+    mn = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 0x30)], 1)
+    return s.to(torch.float32), mn.to(torch.float32)
+
+
+def dequantize(data: torch.Tensor, type_name: str, cols: int) -> torch.Tensor:
+    """Decode uint8 rows (rows, row_bytes) of `type_name` to float32 (rows, cols)."""
+    t = ggml_type(type_name)
+    rows = data.shape[0]
+    data = data.contiguous()
+    if t.name == "F32":
+        return data.view(torch.float32).reshape(rows, cols).clone()
+    if t.name in ("F16", "BF16"):
+        return data.view(torch.float16 if t.name == "F16" else torch.bfloat16).reshape(rows, cols).to(torch.float32)
+    b = data.reshape(-1, t.nbytes)
+    B = b.shape[0]
+    if t.name == "Q8_0":
+        y = b[:, 2:].view(torch.int8).to(torch.float32) * _f16(b[:, :2])
+    elif t.name in ("Q4_0", "Q5_0", "Q5_1"):
+        off = {"Q4_0": 2, "Q5_0": 6, "Q5_1": 8}[t.name]
+        qs = b[:, off:]
+        q = torch.cat([qs & 0xF, qs >> 4], 1)
+        if t.name != "Q4_0":
+            qh = b[:, off - 4 : off].view(B, 4, 1) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8)
+            q = q | ((qh & 1).reshape(B, 32) << 4)
+        if t.name == "Q5_1":
+            y = _f16(b[:, :2]) * q.to(torch.float32) + _f16(b[:, 2:4])
+        else:
+            y = _f16(b[:, :2]) * (q.to(torch.int8) - (8 if t.name == "Q4_0" else 16)).to(torch.float32)
+    elif t.name == "Q2_K":
+        sc, qs = b[:, :16], b[:, 16:80]
+        d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
+        dl = (d * (sc & 0xF).to(torch.float32)).view(B, 16, 1)
+        ml = (dmin * (sc >> 4).to(torch.float32)).view(B, 16, 1)
+        y = dl * _unpack2(qs).view(B, 16, 16).to(torch.float32) - ml
+    elif t.name == "Q3_K":
+        hmask, qs, sc, d = b[:, :32], b[:, 32:96], b[:, 96:108], _f16(b[:, 108:110])
+        lo = (sc[:, :8].view(B, 1, 8) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 2, 1)).reshape(B, 16)
+        hi = (sc[:, 8:].view(B, 1, 4) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 4, 1)).reshape(B, 16)
+        s = (((lo & 0xF) | ((hi & 3) << 4)).to(torch.int8) - 32).to(torch.float32)
+        dl = (d * s).view(B, 16, 1)
+        ql = _unpack2(qs).view(B, 16, 16)
+        qh = (hmask.view(B, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 8, 1)).reshape(B, 16, 16) & 1
+        q = (ql.to(torch.int8) - ((qh ^ 1) << 2).to(torch.int8)).to(torch.float32)
+        y = dl * q
+    elif t.name in ("Q4_K", "Q5_K"):
+        d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+        s, m = _k_scales(b[:, 4:16])
+        de = (d * s).view(B, 8, 1)
+        me = (dmin * m).view(B, 8, 1)
+        qs = b[:, -128:].view(B, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
+        q = (qs & 0xF).reshape(B, 8, 32)
+        if t.name == "Q5_K":
+            qh = b[:, 16:48].view(B, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 8, 1)
+            q = q | ((qh & 1) << 4)
+        y = de * q.to(torch.float32) - me
+    else:  # Q6_K
+        ql, qh, sc, d = b[:, :128], b[:, 128:192], b[:, 192:208], _f16(b[:, 208:210])
+        de = (d * sc.view(torch.int8).to(torch.float32)).view(B, 16, 1)
+        lo = (ql.view(B, 2, 1, 64) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)) & 0xF
+        hi = (qh.view(B, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)) & 3
+        q = (lo.reshape(B, 2, 4, 32) | (hi << 4)).to(torch.int8) - 32
+        y = de * q.reshape(B, 16, 16).to(torch.float32)
+    return y.reshape(rows, cols)

@@ -1,0 +1,340 @@
+"""`convert --to gguf`: GGML encoders against gguf-py and llama.cpp's quantizer, the GGUF
+files against llama.cpp's loader and forward, streaming, splitting and resuming."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from k2quant import open_checkpoint, open_model
+from k2quant.cli import main
+from k2quant.convert_gguf import convert_gguf
+from k2quant.formats.gguf import GGUFError, join_kv_b, split_kv_b
+from k2quant.formats.tokenizer import load_tokenizer
+from k2quant.quant import ggml
+from k2quant.recipe import RecipeError, build_recipe
+from k2quant.synthetic import k2_config_dict, write_synthetic_checkpoint
+
+from .conftest import SMALL, assert_peak_rss_independent_of_size
+from .llamacpp import llama_logits, llama_quantize
+
+QTYPES = ["Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def _weights(rows=48, cols=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    w[1] = 0  # an all-zero row
+    w[2, ::7] *= 40  # outliers
+    w[3] = w[3].abs()  # a row without negatives (min clamped to 0 in the asymmetric types)
+    return w
+
+
+def _gguf_py(data: torch.Tensor, t: str, cols: int) -> torch.Tensor:
+    out = gguf.quants.dequantize(data.numpy(), gguf.GGMLQuantizationType[t])
+    return torch.from_numpy(np.asarray(out, dtype=np.float32)).reshape(-1, cols)
+
+
+@pytest.mark.parametrize("t", QTYPES + ["F32", "F16", "BF16"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_encoders_decode_bit_exactly_like_gguf_py(t, weighted):
+    w = _weights()
+    imp = torch.rand(512, generator=torch.Generator().manual_seed(1)) ** 3 * 5 if weighted else None
+    data = ggml.quantize(w, t, imp)
+    assert data.dtype == torch.uint8 and data.shape == (48, ggml.TYPES[t].row_bytes(512))
+    ours = ggml.dequantize(data, t, 512)
+    assert torch.equal(ours.view(torch.int32), _gguf_py(data, t, 512).view(torch.int32))
+    rel = ((ours - w) ** 2).sum() / (w**2).sum()
+    assert rel < {"Q2_K": 0.12, "Q3_K": 0.04, "Q4_0": 0.02, "Q4_K": 0.01}.get(t, 0.005), rel
+
+
+def test_q8_0_is_ggml_reference_byte_for_byte():
+    w = _weights()
+    ref = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(ggml.quantize(w, "Q8_0").numpy(), ref)
+
+
+def test_row_width_fallbacks_follow_llama_quantize():
+    assert [ggml.fit_type(t, 128) for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")] == [
+        "Q4_0", "Q4_0", "Q5_0", "Q5_1", "Q8_0", "Q8_0"]  # fmt: skip
+    assert ggml.fit_type("Q4_K", 48) == "F16" and ggml.fit_type("Q4_K", 512) == "Q4_K"
+    with pytest.raises(ValueError, match="multiple of 256"):
+        ggml.quantize(torch.zeros(2, 128), "Q4_K")
+
+
+def test_kv_b_split_round_trips(mini_k2):
+    ck = open_checkpoint(mini_k2["bf16"])
+    w = ck.tensor("model.layers.1.self_attn.kv_b_proj.weight")
+    k_b, v_b = split_kv_b(w, ck.config, "k_b"), split_kv_b(w, ck.config, "v_b")
+    c = ck.config
+    assert k_b.shape == (c.num_attention_heads, c.kv_lora_rank, c.qk_nope_head_dim)
+    assert v_b.shape == (c.num_attention_heads, c.v_head_dim, c.kv_lora_rank)
+    assert torch.equal(join_kv_b(k_b, v_b), w)
+
+
+# ---------------------------------------------------------------------------- mini-K2 GGUFs
+@pytest.fixture(scope="module")
+def ggufs(mini_k2, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    out = {}
+    for preset, split in (("q8_0", None), ("q4_k_m", None), ("bf16", None), ("q8_0", "12M")):
+        d = root / (preset + ("-split" if split else ""))
+        convert_gguf(mini_k2["fp8" if preset != "bf16" else "bf16"], d, build_recipe(preset, target="gguf"),
+                     split_max_size=split, progress=False)  # fmt: skip
+        out[preset + ("-split" if split else "")] = d
+    return out
+
+
+def _eval_tokens(mini_k2, n: int = 1024) -> list[int]:
+    text = (mini_k2["fp8"].parent / "eval.txt").read_text(encoding="utf-8")
+    return load_tokenizer(mini_k2["fp8"]).encode(text)[:n]
+
+
+def test_metadata_and_tensors_are_what_llama_cpp_needs(ggufs, mini_k2):
+    path = next(ggufs["q4_k_m"].glob("*.gguf"))
+    r = gguf.GGUFReader(str(path))
+    f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("tokenizer.ggml.")}
+    cfg = open_checkpoint(mini_k2["fp8"]).config
+    a = "deepseek2"
+    assert f["general.architecture"] == a and f["general.file_type"] == 15 and f["general.quantization_version"] == 2
+    assert f[f"{a}.expert_gating_func"] == 2 and f[f"{a}.rope.dimension_count"] == cfg.qk_rope_head_dim
+    assert f[f"{a}.attention.key_length_mla"] == cfg.qk_head_dim
+    assert f[f"{a}.attention.value_length_mla"] == cfg.v_head_dim
+    assert f[f"{a}.attention.key_length"] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert f[f"{a}.attention.head_count_kv"] == 1 and f[f"{a}.expert_weights_norm"] is True
+    assert f[f"{a}.expert_weights_scale"] == pytest.approx(cfg.routed_scaling_factor)
+    assert f[f"{a}.leading_dense_block_count"] == cfg.first_k_dense_replace
+    assert f[f"{a}.rope.scaling.yarn_log_multiplier"] == pytest.approx(0.1 * cfg.rope.mscale_all_dim)
+    assert f[f"{a}.rope.scaling.type"] == "yarn" and f[f"{a}.rope.scaling.factor"] == cfg.rope.factor
+    assert "<|im_assistant|>assistant<|im_middle|>" in f["tokenizer.chat_template"]
+    assert r.fields["tokenizer.ggml.pre"].contents() == "kimi-k2"
+    assert r.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    t = {x.name: x for x in r.tensors}
+    assert "blk.1.attn_kv_b.weight" not in t and "blk.1.attn_k_b.weight" in t and "blk.1.attn_v_b.weight" in t
+    assert t["blk.1.attn_k_b.weight"].tensor_type.name == "Q5_0"  # rows of qk_nope (64): llama.cpp's fallback
+    assert t["blk.1.ffn_gate_inp.weight"].tensor_type.name == "F32"
+    assert t["blk.1.exp_probs_b.bias"].tensor_type.name == "F32"
+    assert list(t["blk.1.ffn_up_exps.weight"].shape) == [cfg.hidden_size, cfg.moe_intermediate_size, 32]
+    assert t["output.weight"].tensor_type.name == "Q6_K"
+    # llama-quantize's q4_k_m: ffn_down in use_more_bits layers (2, 3 of 4) in Q6_K, elsewhere Q4_K
+    assert [t[f"blk.{i}.ffn_down{'_exps' if i else ''}.weight"].tensor_type.name for i in range(4)] == [
+        "Q4_K", "Q4_K", "Q6_K", "Q6_K"]  # fmt: skip
+
+
+def test_every_tensor_decodes_with_gguf_py_as_k2quant_decodes_it(ggufs):
+    for name in ("q4_k_m", "q8_0-split"):
+        ck = open_checkpoint(ggufs[name])
+        for r in ck.readers:
+            for t in r.tensors:
+                ours = ck._decode(t.name)
+                ref = gguf.quants.dequantize(t.data, t.tensor_type)
+                ref = torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32)).reshape(ours.shape)
+                assert torch.equal(ours.view(torch.int32), ref.view(torch.int32)), t.name
+
+
+def _kld_top1(ref: np.ndarray, cand: np.ndarray) -> tuple[float, float]:
+    lp = torch.log_softmax(torch.from_numpy(ref).double(), -1)
+    lq = torch.log_softmax(torch.from_numpy(cand).double(), -1)
+    kld = (lp.exp() * (lp - lq)).sum(-1)
+    return kld.mean().item(), float((ref.argmax(-1) == cand.argmax(-1)).mean())
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q4_k_m", "q8_0-split"])
+def test_llama_cpp_runs_the_gguf_like_k2quant(ggufs, mini_k2, name):
+    """llama.cpp loads the file (split sets from the first file) and its logits agree with
+    k2quant's forward over the same dequantized weights."""
+    files = sorted(ggufs[name].glob("*.gguf"))
+    if name.endswith("split"):
+        assert len(files) > 1 and files[0].name.endswith("-00001-of-" + f"{len(files):05d}.gguf")
+    tokens = _eval_tokens(mini_k2)
+    assert len(tokens) >= 1000
+    model = open_model(files[0])
+    rope = model.config.rope
+    theirs = llama_logits(files[0], tokens, 1024, rope.beta_fast, rope.beta_slow)
+    ours = model.logits(torch.tensor([tokens]))[0].float().numpy()
+    kld, top1 = _kld_top1(ours, theirs)
+    print(f"{name}: llama.cpp vs k2quant on the same GGUF: mean KLD {kld:.6f}, top-1 {top1:.4f} over {len(tokens)}")
+    if name.startswith("q8_0"):
+        assert kld <= 0.005 and top1 >= 0.98
+    else:  # llama.cpp quantizes activations to 8 bits for k-quant dot products; report, bound loosely
+        assert kld <= 0.02 and top1 >= 0.95
+
+
+def test_tokenizer_matches_llama_cpp(ggufs, mini_k2):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(next(ggufs["q8_0"].glob("*.gguf"))), vocab_only=True, verbose=False)
+    tok = load_tokenizer(mini_k2["fp8"])
+    texts = ("Hello world, it's 2026!\n  def f(x): return x**2", "你好，世界。今天天气很好。",
+             "混合 mixed 文本 text 123")  # fmt: skip
+    for text in texts:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), text
+
+
+# ---------------------------------------------------------------------------- against llama-quantize
+_COMPARE = ("blk.2.ffn_down_exps.weight", "blk.1.attn_q_b.weight", "blk.0.ffn_gate.weight")
+
+
+@pytest.mark.parametrize("t", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_quantizer_no_worse_than_llama_quantize(ggufs, tmp_path, t, weighted):
+    """Same BF16 GGUF, same tensors, same importance: k2quant's error (importance-weighted when
+    there is one) is at most llama_model_quantize's."""
+    src = next(ggufs["bf16"].glob("*.gguf"))
+    ref = open_checkpoint(src)
+    g = torch.Generator().manual_seed(3)
+    imat = {}
+    if weighted:
+        for name in _COMPARE:
+            shape = tuple(int(x) for x in reversed(ref.by_gguf[name].shape.tolist()))
+            nmat = shape[0] if len(shape) == 3 else 1
+            imat[name] = (torch.rand(nmat, shape[-1], generator=g) ** 4 * 10 + 1e-3).numpy()
+    out = tmp_path / f"llama-{t}.gguf"
+    llama_quantize(src, out, t, pure=True, imatrix=imat or None)
+    theirs = open_checkpoint(out)
+    for name in _COMPARE:
+        w = ref._decode(name)
+        mats = w if w.dim() == 3 else w[None]
+        lw = theirs._decode(name).reshape(mats.shape)
+        assert theirs.by_gguf[name].tensor_type.name == t
+        err_ours = err_theirs = 0.0
+        for e in range(mats.shape[0]):
+            imp = torch.from_numpy(imat[name][e]) if weighted else None
+            mw = imp if imp is not None else torch.ones(mats.shape[-1])
+            q = ggml.dequantize(ggml.quantize(mats[e], t, imp), t, mats.shape[-1])
+            err_ours += ((q - mats[e]) ** 2 * mw).sum().item()
+            err_theirs += ((lw[e] - mats[e]) ** 2 * mw).sum().item()
+        kind = "imatrix" if weighted else "plain"
+        print(f"{t} {kind} {name}: k2quant / llama.cpp error = {err_ours / err_theirs:.4f}")
+        assert err_ours <= err_theirs * 1.0001, (name, err_ours, err_theirs)
+
+
+# ---------------------------------------------------------------------------- pipeline
+def _src(tmp: Path, layers: int = 4) -> Path:
+    return write_synthetic_checkpoint(tmp / f"src{layers}", k2_config_dict(**{**SMALL, "num_hidden_layers": layers}), 4)
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name != "k2quant_convert.json"}
+
+
+def test_split_deterministic_and_resumable(tmp_path, monkeypatch):
+    import k2quant.convert_gguf as cg
+
+    src = _src(tmp_path)
+    recipe = build_recipe("q4_k_m", target="gguf")
+    convert_gguf(src, tmp_path / "a", recipe, split_max_size="400K", progress=False)
+    convert_gguf(src, tmp_path / "b", recipe, split_max_size="400K", progress=False)
+    a = _files(tmp_path / "a")
+    assert a == _files(tmp_path / "b") and len(a) >= 3
+    real = cg._write_file
+
+    def fail_on_second(ck, plan, index, out, imp, bar):
+        if index == 1:
+            raise KeyboardInterrupt
+        return real(ck, plan, index, out, imp, bar)
+
+    monkeypatch.setattr(cg, "_write_file", fail_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        convert_gguf(src, tmp_path / "c", recipe, split_max_size="400K", progress=False)
+    assert not (tmp_path / "c" / "k2quant_convert.json").exists()
+    assert not list((tmp_path / "c").glob("*.tmp"))
+    monkeypatch.setattr(cg, "_write_file", real)
+    with pytest.raises(Exception, match="--resume"):
+        convert_gguf(src, tmp_path / "c", recipe, split_max_size="400K", progress=False)
+    convert_gguf(src, tmp_path / "c", recipe, split_max_size="400K", progress=False, resume=True)
+    assert _files(tmp_path / "c") == a
+    # llama.cpp's split-file reader sees one model
+    ck = open_checkpoint(tmp_path / "c")
+    assert len(ck.shards) == len(a) and ck.config.num_hidden_layers == 4
+
+
+RSS_SCRIPT = r"""
+import sys
+from k2quant.convert_gguf import convert_gguf
+from k2quant.recipe import build_recipe
+convert_gguf(sys.argv[1], sys.argv[2], build_recipe("q4_0", target="gguf"), method="rtn", progress=False)
+from k2quant.memory import peak_rss
+print(peak_rss())
+"""
+
+
+def test_gguf_peak_rss_does_not_grow_with_model_size(two_sizes, tmp_path):
+    assert_peak_rss_independent_of_size(two_sizes, RSS_SCRIPT, tmp_path)
+
+
+def test_recipe_errors_name_the_problem(tmp_path):
+    with pytest.raises(RecipeError, match="unknown preset .k2-int4. for --to gguf"):
+        build_recipe("k2-int4", target="gguf")
+    with pytest.raises(RecipeError, match="unknown GGML type"):
+        build_recipe("q4_k_m", overrides=["exps=q7_k"], target="gguf")
+    src = _src(tmp_path, layers=2)
+    r = build_recipe("q4_k_m", overrides=[r"layers\.1\.mlp\.experts\.3\.=q8_0"], target="gguf")
+    with pytest.raises(RecipeError, match="ffn_(gate|up|down)_exps.*override whole layers"):
+        convert_gguf(src, tmp_path / "o", r, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_overrides_and_k2_mixes(tmp_path):
+    src = _src(tmp_path, layers=2)
+    s = convert_gguf(src, tmp_path / "o", build_recipe("k2-q3", overrides=["ffn_up_exps=q5_k"], target="gguf"),
+                     method="rtn", progress=False)  # fmt: skip
+    r = gguf.GGUFReader(str(tmp_path / "o" / s["files"][0]))
+    t = {x.name: x.tensor_type.name for x in r.tensors}
+    ff = SMALL["moe_intermediate_size"]
+    assert t["blk.1.ffn_gate_exps.weight"] == "Q3_K" and t["blk.1.ffn_up_exps.weight"] == "Q5_K"
+    assert t["blk.1.ffn_down_exps.weight"] == ggml.fit_type("Q4_K", ff)  # a row of moe_intermediate_size
+    assert t["blk.0.ffn_gate.weight"] == "Q6_K" and t["output.weight"] == "Q6_K"
+    assert s["components"]["routed_experts"]["bits_per_weight"] < s["components"]["dense_mlp"]["bits_per_weight"]
+
+
+def test_gguf_reader_rejects_what_it_cannot_run(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 20)
+    with pytest.raises(GGUFError, match="x.gguf"):
+        open_checkpoint(bad)
+    w = gguf.GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match="architecture is 'llama'"):
+        open_checkpoint(tmp_path / "llama.gguf")
+
+
+def test_cli_gguf_inspect_and_diff(ggufs, mini_k2, tmp_path):
+    gfile = next(ggufs["q4_k_m"].glob("*.gguf"))
+    r = CliRunner().invoke(main, ["inspect", str(gfile), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["quantization"] == "gguf" and set(info["components"]["routed_experts"]["storage"]) == {"Q4_K", "Q6_K"}
+    assert 4.5 < info["bits_per_weight"] < 6.5
+    eval_text = str(mini_k2["fp8"].parent / "eval.txt")
+    r = CliRunner().invoke(main, ["diff", str(mini_k2["bf16"]), str(gfile), "--data", eval_text, "--out",
+                                  str(tmp_path / "rep"), "--ctx", "256", "--chunks", "2", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.output)
+    assert 0 < m["kld"]["mean"] < 0.05
+
+
+def test_cli_convert_gguf_help_has_examples():
+    r = CliRunner().invoke(main, ["convert", "--help"])
+    assert "--to gguf" in r.output and "--split-max-size" in r.output and "q4_k_m" in r.output
+
+
+def test_gguf_convert_from_cli_subprocess(tmp_path):
+    src = _src(tmp_path, layers=2)
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, "-m", "k2quant", "convert", str(src), str(out), "--to", "gguf", "--preset",
+                        "q8_0", "--json"], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["format"] == "gguf" and (out / s["files"][0]).is_file()
