@@ -19,6 +19,7 @@ from . import minik2
 from .calibrate import calibrate
 from .calibrate import format_summary as format_calibration
 from .convert import convert, format_summary
+from .convert_gguf import convert_gguf
 from .inspect import format_inspect, inspect_checkpoint
 from .model import generate, open_model
 from .recipe import build_recipe
@@ -57,12 +58,23 @@ def run(out: str | Path, echo=print) -> dict:
     else:
         echo(f"   reusing {int4}")
 
+    echo("\n== 3c. k2quant convert --to gguf --preset q4_k_m --calib (llama.cpp, one pass from FP8)")
+    gguf_dir = out / "mini-k2-gguf"
+    if not (gguf_dir / "k2quant_convert.json").exists():
+        shutil.rmtree(gguf_dir, ignore_errors=True)
+        conv = convert_gguf(fp8, gguf_dir, build_recipe("q4_k_m", target="gguf"), progress=False,
+                            imatrix=calib / "imatrix.gguf", name="mini-k2-Q4_K_M")  # fmt: skip
+        echo(format_summary(conv))
+    else:
+        echo(f"   reusing {gguf_dir}")
+    gguf_file = gguf_dir / "mini-k2-Q4_K_M.gguf"
+
     # held-out text: the tail of the bundled prose, which mini-K2 did not train on
     data = out / "heldout.txt"
     texts = bundled_texts()
     data.write_text(texts["en_prose.txt"][-3000:] + texts["zh_prose.txt"][-1000:], encoding="utf-8")
     results = {}
-    for step, (name, cand) in enumerate((("fp8", fp8), ("int4", int4)), start=4):
+    for step, (name, cand) in enumerate((("fp8", fp8), ("int4", int4), ("gguf-q4_k_m", gguf_file)), start=4):
         echo(f"\n== {step}. k2quant diff: {name} against the BF16 reference (layer-streamed)")
         m = run_diff(bf16, cand, [data], ctx=128, progress=False)
         paths = write_report(m, out / f"diff-{name}")
@@ -72,7 +84,7 @@ def run(out: str | Path, echo=print) -> dict:
                                                                            "ppl_ratio": m["ppl"]["ratio"]}  # fmt: skip
 
     tok = load_tokenizer(fp8)
-    echo("\n== 6. greedy generation from the INT4 model (KV cache of compressed latents)")
+    echo("\n== 7. greedy generation from the INT4 model (KV cache of compressed latents)")
     model = open_model(int4, resident=True)
     prompt = "def read_config(path):\n"
     new = generate(model, tok.encode(prompt), 40, stop=(tok.eos_id,))
@@ -86,6 +98,8 @@ def run(out: str | Path, echo=print) -> dict:
         "int4": str(int4),
         "fp8_vs_bf16": results["fp8"],
         "int4_vs_bf16": results["int4"],
+        "gguf": str(gguf_file),
+        "gguf_q4_k_m_vs_bf16": results["gguf-q4_k_m"],
         "seconds": round(time.time() - t0, 1),
     }
     echo("\n== summary\n" + json.dumps(summary, indent=2))

@@ -112,3 +112,4 @@ def test_demo_runs_end_to_end(mini_k2):
     text = "\n".join(lines)
     assert "mini-K2: reusing" in text and "routed_experts" in text and "def read_config(path):" in text
     assert summary["fp8_vs_bf16"]["top1_agreement"] > 0.9 and summary["int4_vs_bf16"]["top1_agreement"] > 0.9
+    assert summary["gguf_q4_k_m_vs_bf16"]["top1_agreement"] > 0.85 and "Q4_K" in text
