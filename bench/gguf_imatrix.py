@@ -17,11 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
-# this directory holds bench/gguf.py, which would shadow the gguf package
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-import gguf  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import gguf
+import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from llamacpp import llama_quantize  # noqa: E402

@@ -29,6 +29,7 @@ class CalibStats:
     weight_sum: dict[int, torch.Tensor] = field(default_factory=dict)  # MoE layer -> sum of routing weights
     topped_up: dict[int, torch.Tensor] = field(default_factory=dict)  # MoE layer -> extra tokens per expert
     tokens: int = 0
+    hessians: dict[str, torch.Tensor] | None = None  # module -> X^T X (f64) when collected for GPTQ
 
     def observe(self, module: str, x: torch.Tensor) -> None:
         rows = x.reshape(-1, x.shape[-1])
@@ -38,6 +39,14 @@ class CalibStats:
         else:
             self.in_sum2[module] = s
         self.counts[module] = self.counts.get(module, 0) + rows.shape[0]
+        if self.hessians is not None:
+            for i in range(0, rows.shape[0], 4096):  # chunked: never more than 4096 rows in f64 at once
+                r = rows[i : i + 4096].double()
+                h = r.T @ r
+                if module in self.hessians:
+                    self.hessians[module] += h
+                else:
+                    self.hessians[module] = h
 
     def hotness(self) -> dict:
         out = {}
@@ -53,11 +62,17 @@ class CalibStats:
 
 
 def collect(
-    model: K2Model, sequences: torch.Tensor, batch: int = 8, min_expert_tokens: int = 0, progress: bool = True
+    model: K2Model,
+    sequences: torch.Tensor,
+    batch: int = 8,
+    min_expert_tokens: int = 0,
+    progress: bool = True,
+    hessian: bool = False,
 ) -> CalibStats:
-    """Statistics for every linear (per expert for routed experts) over `sequences` [N, T]."""
+    """Statistics for every linear (per expert for routed experts) over `sequences` [N, T];
+    with `hessian`, also X^T X per linear for GPTQ (in_features^2 doubles each)."""
     c = model.config
-    stats = CalibStats(tokens=sequences.numel())
+    stats = CalibStats(tokens=sequences.numel(), hessians={} if hessian else None)
     model.observer = lambda name, x: stats.observe(name, x) if name != "lm_head" else None
 
     def on_route(layer, scores, ids, weights):

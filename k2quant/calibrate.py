@@ -16,6 +16,8 @@ from k2quant.formats.tokenizer import load_tokenizer
 from .errors import K2QuantError
 from .model import open_model
 
+HESSIANS = "hessians.safetensors"  # X^T X per linear (float32), for convert --method gptq
+
 
 def calibrate(
     src: str | Path,
@@ -26,7 +28,9 @@ def calibrate(
     min_expert_tokens: int = 0,
     batch: int = 8,
     progress: bool = True,
+    hessian: bool = False,
 ) -> dict:
+    """Writes imatrix.gguf, hotness.json, calibration.json (and hessians.safetensors with `hessian`)."""
     t0 = time.time()
     src, out = Path(src), Path(out)
     model = open_model(src)  # layer-streamed; collect() keeps one layer's non-expert weights at a time
@@ -45,11 +49,19 @@ def calibrate(
         seqs = torch.tensor(sample_sequences(stream, n, ctx), dtype=torch.long)
     except ValueError as e:
         raise K2QuantError(str(e)) from None
-    stats = collect(model, seqs, batch=batch, min_expert_tokens=min_expert_tokens, progress=progress)
+    stats = collect(model, seqs, batch=batch, min_expert_tokens=min_expert_tokens, progress=progress, hessian=hessian)
     out.mkdir(parents=True, exist_ok=True)
     datasets = [str(p) for p in data] if data else ["k2quant bundled calibration set"]
     write_imatrix(out / "imatrix.gguf", stats.in_sum2, stats.counts, ck.config.n_routed_experts, datasets, n, ctx)
     write_json(out / "hotness.json", stats.hotness())
+    files = {"imatrix": str(out / "imatrix.gguf"), "hotness": str(out / "hotness.json")}
+    if stats.hessians is not None:
+        from safetensors.torch import save_file
+
+        tmp = out / (HESSIANS + ".tmp")
+        save_file({m + ".hessian": h.float().contiguous() for m, h in sorted(stats.hessians.items())}, tmp)
+        tmp.replace(out / HESSIANS)
+        files["hessians"] = str(out / HESSIANS)
     summary = {
         "source": str(src),
         "tokens": stats.tokens,
@@ -61,7 +73,7 @@ def calibrate(
         "linears": len(stats.in_sum2),
         "seconds": round(time.time() - t0, 2),
         "tokens_per_second": round(stats.tokens / max(time.time() - t0, 1e-9), 1),
-        "files": {"imatrix": str(out / "imatrix.gguf"), "hotness": str(out / "hotness.json")},
+        "files": files,
     }
     write_json(out / "calibration.json", summary)
     return summary
@@ -76,5 +88,5 @@ def format_summary(s: dict) -> str:
     for layer, c in s["coverage"].items():
         lines.append(f"  {layer:<7}{c['never_routed']:>14}{c['experts_below_min']:>11}{c['min_routed']:>15}"
                      f"{c['min_after_top_up']:>21}")  # fmt: skip
-    lines.append(f"  wrote {s['files']['imatrix']}, {s['files']['hotness']}")
+    lines.append(f"  wrote {', '.join(s['files'].values())}")
     return "\n".join(lines)

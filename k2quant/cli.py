@@ -83,12 +83,14 @@ def demo(out: str) -> None:
 )
 @click.option(
     "--method",
-    type=click.Choice(["mse", "rtn"]),
+    type=click.Choice(["mse", "rtn", "gptq"]),
     default="mse",
     show_default=True,
-    help="int4: mse (error-minimizing clipping search) or rtn (round-to-nearest). gguf: mse (llama.cpp's two "
-    "scale searches and a polish, the better per block) or rtn (llama.cpp's own procedure only).",
+    help="int4: mse (error-minimizing clipping search), rtn (round-to-nearest) or gptq (needs --calib from "
+    "calibrate --hessian). gguf: mse (llama.cpp's two scale searches and a polish, the better per block) or rtn "
+    "(llama.cpp's own procedure only).",
 )
+@click.option("--act-order", is_flag=True, help="gptq: quantize columns by decreasing Hessian diagonal.")
 @click.option(
     "--imatrix",
     type=click.Path(exists=True, dir_okay=False),
@@ -110,8 +112,8 @@ def demo(out: str) -> None:
     help="Write model_type deepseek_v3 so transformers loads OUT without remote code.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def convert(src, out, target, preset, recipe_file, overrides, method, imatrix, calib_dir, split_max_size, model_name,
-            workers, resume, transformers_config, as_json):  # fmt: skip
+def convert(src, out, target, preset, recipe_file, overrides, method, act_order, imatrix, calib_dir, split_max_size,
+            model_name, workers, resume, transformers_config, as_json):  # fmt: skip
     """Quantize SRC (a K2 / DeepSeek-V3 checkpoint) into OUT, streaming shard by shard.
 
     Source tensors already in the target form (FP8 block -> fp8-block, K2-Thinking
@@ -134,6 +136,11 @@ def convert(src, out, target, preset, recipe_file, overrides, method, imatrix, c
     recipe = build_recipe(preset, recipe_file, list(overrides), target=target)
     if calib_dir and not imatrix:
         imatrix = str(Path(calib_dir) / "imatrix.gguf")
+    hessians = str(Path(calib_dir) / "hessians.safetensors") if calib_dir and method == "gptq" else None
+    if act_order and method != "gptq":
+        raise click.UsageError("--act-order applies to --method gptq")
+    if method == "gptq" and target == "gguf":
+        raise click.UsageError("--method gptq writes INT4 (--to safetensors); GGUF k-quants use mse or rtn")
     if target == "gguf":
         from .convert_gguf import convert_gguf
 
@@ -141,8 +148,9 @@ def convert(src, out, target, preset, recipe_file, overrides, method, imatrix, c
                                split_max_size=split_max_size, name=model_name, progress=not as_json)  # fmt: skip
         click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
         return
-    summary = run_convert(src, out, recipe, method=method, workers=workers, resume=resume, imatrix=imatrix,
-                          transformers_config=transformers_config, progress=not as_json)  # fmt: skip
+    summary = run_convert(src, out, recipe, method="gptq-act-order" if act_order else method, workers=workers,
+                          resume=resume, imatrix=imatrix, hessians=hessians, transformers_config=transformers_config,
+                          progress=not as_json)  # fmt: skip
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
@@ -164,8 +172,13 @@ def convert(src, out, target, preset, recipe_file, overrides, method, imatrix, c
     help="Top up experts routed fewer tokens with their best-scoring other tokens (statistics only).",
 )
 @click.option("--batch", default=8, show_default=True, help="Sequences per attention batch.")
+@click.option(
+    "--hessian",
+    is_flag=True,
+    help="Also write hessians.safetensors (X^T X per linear, in_features^2 floats each) for convert --method gptq.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def calibrate(src, data, out, tokens, ctx, min_expert_tokens, batch, as_json):
+def calibrate(src, data, out, tokens, ctx, min_expert_tokens, batch, hessian, as_json):
     """Learn importance (imatrix) and expert hotness from calibration text, layer-streamed.
 
     \b
@@ -176,12 +189,14 @@ def calibrate(src, data, out, tokens, ctx, min_expert_tokens, batch, as_json):
     Examples:
       k2quant calibrate Kimi-K2-Instruct --out calib --tokens 131072 --min-expert-tokens 64
       k2quant convert Kimi-K2-Instruct K2-int4 --preset k2-int4 --calib calib
+      k2quant calibrate mini-k2 --out calib --hessian && k2quant convert mini-k2 out --preset int4-all \\
+          --method gptq --calib calib
     """
     from .calibrate import calibrate as run_calibrate
     from .calibrate import format_summary
 
     s = run_calibrate(src, out, list(data) or None, tokens=tokens, ctx=ctx, min_expert_tokens=min_expert_tokens,
-                      batch=batch, progress=not as_json)  # fmt: skip
+                      batch=batch, progress=not as_json, hessian=hessian)  # fmt: skip
     click.echo(json.dumps(s, indent=2) if as_json else format_summary(s))
 
 

@@ -38,6 +38,7 @@ from .quant.schemes import Scheme, parse_scheme
 from .recipe import LINEAR_COMPONENTS, Recipe, RecipeError
 
 JOURNAL = ".k2quant-convert.journal.json"
+GPTQ_MIN_TOKENS = 128  # fewer calibration rows than this: the Hessian is too thin, use the weighted search
 SUMMARY = "k2quant_convert.json"
 FORMAT_VERSION = 1
 
@@ -78,10 +79,14 @@ class Plan:
     quantization_config: dict
     imatrix: str | None = None  # path of the importance file (sha256 in imatrix_sha256)
     imatrix_sha256: str | None = None
+    hessians: str | None = None  # GPTQ: path of calibrate's hessians.safetensors (sha256 below)
+    hessians_sha256: str | None = None
+    gptq_fallbacks: list[str] = field(default_factory=list)  # int4 modules quantized by the weighted search instead
 
     def fingerprint(self) -> str:
         plan = asdict(self)
-        plan.pop("imatrix")  # the file's content counts, not where it lies
+        plan.pop("imatrix")  # the files' content counts, not where they lie
+        plan.pop("hessians")
         blob = json.dumps({"v": FORMAT_VERSION, "plan": plan}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -182,7 +187,7 @@ def _nbytes(dtype: str, shape: list[int]) -> int:
 # ---------------------------------------------------------------------------- execution
 def convert_shard(
     src: str, out: str, shard: dict, method: str, progress_q=None, threads: int | None = None,
-    imatrix: str | None = None,
+    imatrix: str | None = None, hessians: str | None = None, fallbacks: tuple[str, ...] = (),
 ) -> dict:  # fmt: skip
     """Write one planned output shard. Runs in the main process or a worker (arguments are plain data)."""
     if threads:
@@ -193,12 +198,17 @@ def convert_shard(
     if imatrix:
         wanted = {_module(t.name) for t in tensors if t.action == "quantize"}
         imp = importance(*read_imatrix(imatrix, wanted))
+    gptq = None
+    if hessians:
+        from safetensors import safe_open
+
+        gptq = (safe_open(hessians, "pt"), set(fallbacks), method.endswith("act-order"))
     entries = [(o[0], DTYPES[o[1]], tuple(o[2])) for t in tensors for o in t.outputs]
     writer = SafetensorsWriter(Path(out) / shard["file"], entries)
     t0 = time.time()
     try:
         for t in tensors:
-            for name, tensor in _produce(ck, t, method, imp.get(_module(t.name))):
+            for name, tensor in _produce(ck, t, method, imp.get(_module(t.name)), gptq):
                 writer.write(name, tensor)
             if progress_q is not None:
                 progress_q.put(t.source_bytes)
@@ -209,7 +219,7 @@ def convert_shard(
     return {"file": shard["file"], "bytes": writer.size, "seconds": time.time() - t0}
 
 
-def _produce(ck: Checkpoint, t: PlannedTensor, method: str, imp: torch.Tensor | None = None):
+def _produce(ck: Checkpoint, t: PlannedTensor, method: str, imp: torch.Tensor | None = None, gptq=None):
     """(output name, tensor) pairs for one planned tensor, in planned order."""
     if t.action == "copy":
         stored = ck.stored(t.name)
@@ -221,9 +231,11 @@ def _produce(ck: Checkpoint, t: PlannedTensor, method: str, imp: torch.Tensor | 
     if scheme.kind in ("bf16", "keep"):
         yield t.name, w.to(torch.bfloat16)
         return
-    # the importance vector weights the clipping search; plain RTN has nothing to weight
-    parts = scheme.quantize(w, importance=imp if scheme.kind == "int4" else None, search=method == "mse")
     mod = _module(t.name)
+    if gptq is not None and scheme.kind == "int4" and mod not in gptq[1]:
+        parts = scheme.quantize(w, hessian=gptq[0].get_tensor(mod + ".hessian"), act_order=gptq[2])
+    else:  # the importance vector weights the clipping search; plain RTN has nothing to weight
+        parts = scheme.quantize(w, importance=imp if scheme.kind == "int4" else None, search=method != "rtn")
     for out_name, _, _ in t.outputs:
         yield out_name, parts[out_name[len(mod) + 1 :]]
 
@@ -267,6 +279,20 @@ def pin_imatrix(plan, imatrix: str | Path | None) -> None:
     plan.imatrix_sha256 = hashlib.sha256(imatrix.read_bytes()).hexdigest()
 
 
+def _plan_gptq(plan: Plan, hessians: Path) -> None:
+    """Pin the Hessians file and decide, before any work, which INT4 modules fall back."""
+    from safetensors import safe_open
+
+    with safe_open(str(hessians), "pt") as f:
+        have = {k.removesuffix(".hessian") for k in f.keys()}
+    modules = [_module(t.name) for t in plan.tensors if t.action == "quantize" and t.scheme.startswith("int4")]
+    counts = read_imatrix(plan.imatrix, set(modules))[1] if plan.imatrix else {}
+    plan.hessians = str(hessians.resolve())
+    plan.hessians_sha256 = hashlib.sha256(hessians.read_bytes()).hexdigest()
+    thin = {m for m in modules if counts.get(m, GPTQ_MIN_TOKENS) < GPTQ_MIN_TOKENS}
+    plan.gptq_fallbacks = sorted(m for m in modules if m not in have or m in thin)
+
+
 def _record(out: Path, fingerprint: str, done: dict[str, int]) -> None:
     write_json(out / JOURNAL, {"fingerprint": fingerprint, "done": dict(sorted(done.items()))})
 
@@ -282,20 +308,29 @@ def convert(
     transformers_config: bool = False,
     progress: bool = True,
     imatrix: str | Path | None = None,
+    hessians: str | Path | None = None,
 ) -> dict:
     """Convert a checkpoint to compressed-tensors safetensors in `out`; returns the summary.
 
     `imatrix`: an importance file (k2quant calibrate's or llama.cpp's imatrix GGUF) that
-    weights the INT4 clipping search per input channel."""
-    if method not in ("mse", "rtn"):
-        raise ConvertError(f"unknown method {method!r} (mse or rtn)")
-    if imatrix is not None and method != "mse":
-        raise ConvertError("--imatrix weights the clipping search: use --method mse")
+    weights the INT4 clipping search per input channel. method "gptq" / "gptq-act-order":
+    INT4 by GPTQ from `hessians` (calibrate --hessian); modules without a Hessian or with
+    fewer than GPTQ_MIN_TOKENS calibration rows fall back to the weighted search (listed
+    in the summary)."""
+    if method not in ("mse", "rtn", "gptq", "gptq-act-order"):
+        raise ConvertError(f"unknown method {method!r} (mse, rtn, gptq or gptq-act-order)")
+    if imatrix is not None and method == "rtn":
+        raise ConvertError("--imatrix weights the clipping search: use --method mse (or gptq)")
+    if method.startswith("gptq") and (hessians is None or not Path(hessians).is_file()):
+        raise ConvertError(f"--method gptq needs the Hessians of `k2quant calibrate --hessian` (pass --calib DIR); "
+                           f"{hessians or 'none given'} not found")  # fmt: skip
     t0 = time.time()
     src, out = Path(src), Path(out)
     ck = open_checkpoint(src)
     plan = plan_conversion(ck, recipe, method)
     pin_imatrix(plan, imatrix)
+    if method.startswith("gptq"):
+        _plan_gptq(plan, Path(hessians))
     fp = plan.fingerprint()
     done = _prepare_out(out, fp, resume)
     todo = [s for s in plan.shards if s.file not in done]
@@ -305,7 +340,8 @@ def convert(
     if workers <= 1:
         q = _BarQueue(bar)
         for s in todo:
-            r = convert_shard(str(src), str(out), asdict(s), method, q, imatrix=plan.imatrix)
+            r = convert_shard(str(src), str(out), asdict(s), method, q, imatrix=plan.imatrix, hessians=plan.hessians,
+                              fallbacks=tuple(plan.gptq_fallbacks))  # fmt: skip
             done[r["file"]] = r["bytes"]
             _record(out, fp, done)
     else:
@@ -314,7 +350,18 @@ def convert(
         with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             q = manager.Queue()
             futures = [
-                pool.submit(convert_shard, str(src), str(out), asdict(s), method, q, threads, plan.imatrix)
+                pool.submit(
+                    convert_shard,
+                    str(src),
+                    str(out),
+                    asdict(s),
+                    method,
+                    q,
+                    threads,
+                    plan.imatrix,
+                    plan.hessians,
+                    tuple(plan.gptq_fallbacks),
+                )
                 for s in todo
             ]
             pending = set(futures)
@@ -383,6 +430,8 @@ def _summary(plan: Plan, out: Path, seconds: float) -> dict:
         "recipe": plan.recipe,
         "method": plan.method,
         "imatrix": plan.imatrix,
+        "hessians": plan.hessians,
+        "gptq_fallbacks": plan.gptq_fallbacks,
         "fingerprint": plan.fingerprint()[:16],
         "shards": len(plan.shards),
         "params": params,
@@ -408,4 +457,8 @@ def format_summary(s: dict) -> str:
     for name, c in s["components"].items():
         schemes = ", ".join(f"{k}" for k in c["schemes"])
         lines.append(f"  {name:<16}{c['params']:>12,}{c['bits_per_weight']:>8.2f}  {schemes}")
+    if s.get("hessians"):
+        fb = s["gptq_fallbacks"]
+        lines.append(f"  GPTQ from {s['hessians']}; {len(fb)} module(s) fell back to the weighted search"
+                     + (f" (too few calibration tokens or no Hessian), e.g. {fb[0]}" if fb else ""))  # fmt: skip
     return "\n".join(lines)

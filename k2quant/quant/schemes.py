@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .fp8 import DEFAULT_BLOCK, dequantize_fp8_block, quantize_fp8_block, scale_shape
+from .gptq import gptq_int4
 from .int4 import dequantize_int4, pack_int4, pack_zero_point, quantize_int4
 
 _INT4 = re.compile(r"^int4-g(32|64|128)(-asym|-r7)?$")
@@ -68,13 +69,22 @@ class Scheme:
         return None
 
     def quantize(
-        self, w: torch.Tensor, importance: torch.Tensor | None = None, search: bool = True
+        self,
+        w: torch.Tensor,
+        importance: torch.Tensor | None = None,
+        search: bool = True,
+        hessian: torch.Tensor | None = None,
+        act_order: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Stored parts for a float weight (suffixes as compressed-tensors names them).
 
-        search=False is plain round-to-nearest for int4 (no clipping search)."""
+        search=False is plain round-to-nearest for int4 (no clipping search); a `hessian`
+        (X^T X of the layer's inputs) makes int4 use GPTQ."""
         if self.kind == "int4":
-            q, s, z = quantize_int4(w, self.group_size, self.symmetric, self.qmax, importance, search)
+            if hessian is not None:
+                q, s, z = gptq_int4(w, hessian, self.group_size, self.symmetric, self.qmax, act_order=act_order)
+            else:
+                q, s, z = quantize_int4(w, self.group_size, self.symmetric, self.qmax, importance, search)
             parts = {"weight_packed": pack_int4(q), "weight_scale": s,
                      "weight_shape": torch.tensor(list(w.shape), dtype=torch.int64)}  # fmt: skip
             if z is not None:

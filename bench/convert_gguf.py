@@ -13,7 +13,7 @@ loads a Kimi tokenizer through transformers with remote code, which a synthetic
 checkpoint does not have (and k2quant never runs); the bench replaces only its set_vocab
 with k2quant's tokenizer writer, so the weights go through llama.cpp's own code.
 
-Usage: python bench/gguf.py [--dir /tmp/k2bench] [--experts 8] [--moe-layers 1] [--method rtn|mse] [--json out]
+Usage: python bench/convert_gguf.py [--dir /tmp/k2bench] [--experts 8] [--moe-layers 1] [--method rtn|mse] [--json out]
 """
 
 from __future__ import annotations

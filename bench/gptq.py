@@ -1,0 +1,56 @@
+"""Benchmark: INT4 g32 on mini-K2 by round-to-nearest, clipping search, imatrix-weighted search and GPTQ.
+
+Calibrates mini-K2 (BF16; the bundled calibration set, with Hessians), converts it with
+each method (preset int4-all by default), and diffs each against BF16 on the held-out
+text: mean KLD, its uncertainty, top-1 agreement and conversion seconds.
+
+Usage: python bench/gptq.py [--preset int4-all] [--tokens 8192] [--dir /tmp/k2bench-gptq] [--act-order]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from k2quant import minik2
+from k2quant.calibrate import calibrate
+from k2quant.convert import convert
+from k2quant.recipe import build_recipe
+from k2quant.report.diff import run_diff
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="int4-all")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--dir", default="/tmp/k2bench-gptq")
+    ap.add_argument("--act-order", action="store_true")
+    a = ap.parse_args()
+    info = minik2.build(minik2.default_dir(), progress=False)
+    bf16 = Path(info["bf16"])
+    root = Path(a.dir)
+    calib = root / "calib"
+    if not (calib / "hessians.safetensors").exists():
+        s = calibrate(bf16, calib, None, tokens=a.tokens, ctx=256, progress=False, hessian=True)
+        print(f"calibrated {s['tokens']} tokens with Hessians in {s['seconds']:.1f} s")
+    imatrix, hessians = calib / "imatrix.gguf", calib / "hessians.safetensors"
+    runs = [("rtn", {"method": "rtn"}), ("mse", {"method": "mse"}),
+            ("mse + imatrix", {"method": "mse", "imatrix": imatrix}),
+            ("gptq", {"method": "gptq", "imatrix": imatrix, "hessians": hessians})]  # fmt: skip
+    if a.act_order:
+        runs.append(("gptq act-order", {"method": "gptq-act-order", "imatrix": imatrix, "hessians": hessians}))
+    print(f"{a.preset} on mini-K2 vs BF16 ({bf16.parent / 'eval.txt'}, 4 x 512-token chunks, second halves scored)")
+    for name, kw in runs:
+        out = root / name.replace(" ", "")
+        shutil.rmtree(out, ignore_errors=True)
+        s = convert(bf16, out, build_recipe(a.preset), progress=False, **kw)
+        m = run_diff(bf16, out, [bf16.parent / "eval.txt"], ctx=512, chunks=4, progress=False)
+        k = m["kld"]
+        extra = f", {len(s['gptq_fallbacks'])} fallbacks" if s.get("hessians") else ""
+        print(f"  {name:<16} KLD {k['mean']:.6f} ± {k['stderr']:.6f}  top-1 {100 * m['top1_agreement']:.2f}%  "
+              f"convert {s['seconds']:.1f} s{extra}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""GPTQ for group-wise INT4 (Frantar et al., 2022), in k2quant's INT4 layout.
+
+Columns are quantized in order (or by decreasing Hessian diagonal with act-order); each
+column's rounding error is pushed onto the columns not yet quantized through the inverse
+Hessian's Cholesky factor, so later columns compensate earlier ones. Group scales come
+from k2quant's INT4 scale search (clipping ratios weighted by the Hessian diagonal, i.e.
+the mean squared activation): computed on the partly updated weights when a group starts,
+or up front from the original weights with act-order (static groups, so each group still
+has one scale). The result has the same form as quantize_int4's, so it is stored, read and
+dequantized identically.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .int4 import quantize_int4
+
+
+def gptq_int4(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int = 32,
+    symmetric: bool = True,
+    qmax: int = 8,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block: int = 128,
+    scale_dtype: torch.dtype = torch.bfloat16,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """w [out, in], hessian X^T X [in, in] (any positive scale) -> (q int8, scale [out, groups], zero | None)."""
+    rows, cols = w.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"Hessian has shape {list(hessian.shape)}, expected [{cols}, {cols}]")
+    if cols % group_size or block % group_size:
+        raise ValueError(f"input width {cols} and block {block} must be multiples of group size {group_size}")
+    W = w.to(torch.float32).clone()
+    H = hessian.to(torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    diag = torch.diag(H).clone()
+    groups = cols // group_size
+    scales = torch.empty(rows, groups, dtype=scale_dtype)
+    zeros = None if symmetric else torch.empty(rows, groups, dtype=torch.int8)
+    if act_order:
+        perm = torch.argsort(diag, descending=True, stable=True)
+        _, scales, zeros = quantize_int4(W, group_size, symmetric, qmax, diag.float(), True, scale_dtype)
+    else:
+        perm = torch.arange(cols)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    H += damp * diag.mean() * torch.eye(cols, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(torch.float32)
+    Q = torch.empty(rows, cols, dtype=torch.int8)
+    lo = -qmax if symmetric else -8
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].clone()
+        E = torch.zeros(rows, i2 - i1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            orig = int(perm[i1 + i])
+            g = orig // group_size
+            if not act_order and orig % group_size == 0:  # a group starts: its scale from the updated weights
+                imp = diag[orig : orig + group_size].float()
+                _, s, z = quantize_int4(W1[:, i : i + group_size], group_size, symmetric, qmax, imp, True, scale_dtype)
+                scales[:, g] = s[:, 0]
+                if zeros is not None:
+                    zeros[:, g] = z[:, 0]
+            s = scales[:, g].to(torch.float32)
+            x = W1[:, i]
+            if zeros is None:
+                q = torch.clamp(torch.round(x / s), lo, 7)
+                dq = q * s
+            else:
+                zf = zeros[:, g].to(torch.float32)
+                q = torch.clamp(torch.round(x / s) + zf, -8, 7)
+                dq = (q - zf) * s
+            Q[:, i1 + i] = q.to(torch.int8)
+            err = (x - dq) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            E[:, i] = err
+        W[:, i2:] -= E @ U[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)], scales, zeros
