@@ -32,6 +32,11 @@ class CalibStats:
     hessians: dict[str, torch.Tensor] | None = None  # module -> X^T X (f64) when collected for GPTQ
 
     def observe(self, module: str, x: torch.Tensor) -> None:
+        if x.dim() == 4:  # per-head inputs [b, H, t, d] (attn_k_b / attn_v_b): sums per head, no Hessian
+            s = x.double().pow(2).sum((0, 2))
+            self.in_sum2[module] = self.in_sum2[module] + s if module in self.in_sum2 else s
+            self.counts[module] = self.counts.get(module, 0) + x.shape[0] * x.shape[2]
+            return
         rows = x.reshape(-1, x.shape[-1])
         s = rows.double().pow(2).sum(0)
         if module in self.in_sum2:

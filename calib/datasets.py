@@ -49,8 +49,10 @@ def load_texts(paths: list[str | Path]) -> list[str]:
     return docs
 
 
-def bundled_documents() -> list[str]:
-    """The bundled calibration set as documents (prose files whole, each transcript its own document)."""
+def bundled_documents(generated: bool = True) -> list[str]:
+    """The default calibration set as documents: the hand-written files (prose whole, each
+    transcript its own document), then, with `generated`, k2quant's generated math and
+    agentic transcripts and its own source code (calib/generated.py)."""
     docs = []
     root = resources.files("k2quant.calib") / "data"
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
@@ -59,6 +61,10 @@ def bundled_documents() -> list[str]:
             docs.extend(jsonl_documents(text, entry.name))
         elif entry.name.endswith(".txt"):
             docs.append(text)
+    if generated:
+        from .generated import agentic_documents, code_documents, math_documents
+
+        docs += math_documents() + agentic_documents() + code_documents()
     return docs
 
 

@@ -101,6 +101,8 @@ def gguf_linear(module: str) -> tuple[str, int | None] | None:
     e = _EXPERT.match(rest)
     if e:
         return f"blk.{layer}.{EXPERT_LINEARS[e.group(2)]}.weight", int(e.group(1))
+    if rest in ("self_attn.attn_k_b", "self_attn.attn_v_b"):  # per-head inputs observed by calibration
+        return f"blk.{layer}.{rest.split('.')[1]}.weight", None
     base = LAYER_LINEARS.get(rest)
     return (f"blk.{layer}.{base}.weight", None) if base else None
 

@@ -53,7 +53,10 @@ def write_imatrix(
     w.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, chunk_size)
     for name in sorted(stacks):
         members = stacks[name]
-        if None in members:
+        if None in members and in_sum2[members[None]].dim() == 2:  # per head (attn_k_b / attn_v_b): nmat = heads
+            sums = list(in_sum2[members[None]])
+            cnts = [counts[members[None]]] * len(sums)
+        elif None in members:
             sums = [in_sum2[members[None]]]
             cnts = [counts[members[None]]]
         else:

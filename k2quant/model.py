@@ -253,6 +253,11 @@ class K2Model:
         key_pos = torch.arange(s, device=x.device)
         mask = key_pos[None, :] <= positions.to(x.device)[:, None]
         out = F.scaled_dot_product_attention(qq, k, v, attn_mask=mask, scale=c.softmax_scale)
+        if self.observer is not None:  # the inputs of llama.cpp's absorbed-MLA matrices, per head [b, H, t, d]
+            self.observer(p + "attn_k_b", q_nope)
+            lat = latent[:, None].expand(-1, c.num_attention_heads, -1, -1)
+            self.observer(p + "attn_v_b", F.scaled_dot_product_attention(qq, k, lat, attn_mask=mask,
+                                                                         scale=c.softmax_scale))  # fmt: skip
         out = out.transpose(1, 2).reshape(b, t, c.num_attention_heads * c.v_head_dim)
         return self.linear(p + "o_proj", out)
 

@@ -31,6 +31,10 @@ def test_statistics_equal_a_plain_forward(mini_k2):
     m = _model(mini_k2["fp8"])
 
     def obs(name, x):
+        if x.dim() == 4:  # per-head inputs of attn_k_b / attn_v_b: per-head sums
+            ref[name] = ref.get(name, 0) + x.double().pow(2).sum((0, 2))
+            rows[name] = rows.get(name, 0) + x.shape[0] * x.shape[2]
+            return
         x = x.reshape(-1, x.shape[-1]).double()
         ref[name] = ref.get(name, 0) + x.pow(2).sum(0)
         rows[name] = rows.get(name, 0) + x.shape[0]
@@ -44,6 +48,8 @@ def test_statistics_equal_a_plain_forward(mini_k2):
         assert torch.allclose(stats.in_sum2[name], ref[name], rtol=1e-5), name
     c = m.config
     assert stats.counts["model.layers.0.self_attn.q_a_proj"] == seqs.numel()
+    assert stats.in_sum2["model.layers.0.self_attn.attn_k_b"].shape == (c.num_attention_heads, c.qk_nope_head_dim)
+    assert stats.in_sum2["model.layers.0.self_attn.attn_v_b"].shape == (c.num_attention_heads, c.kv_lora_rank)
     for n in stats.routed.values():
         assert int(n.sum()) == seqs.numel() * c.num_experts_per_tok
 
@@ -80,6 +86,9 @@ def test_cli_writes_imatrix_gguf_and_hotness(mini_k2, tmp_path):
     assert list(exps.shape) == [c.moe_intermediate_size, c.n_routed_experts]  # ggml ne {n_in, n_expert}
     assert list(t["blk.1.ffn_down_exps.weight.counts"].shape) == [1, c.n_routed_experts]
     assert list(t["blk.0.attn_q_a.weight.in_sum2"].shape) == [c.hidden_size, 1]
+    # llama.cpp's absorbed-MLA matrices: one row per head (their inputs are per head)
+    assert list(t["blk.1.attn_k_b.weight.in_sum2"].shape) == [c.qk_nope_head_dim, c.num_attention_heads]
+    assert list(t["blk.1.attn_v_b.weight.in_sum2"].shape) == [c.kv_lora_rank, c.num_attention_heads]
     # as llama.cpp's save_imatrix: weights in sorted order, each as in_sum2 then counts
     names = [x.name for x in reader.tensors]
     weights = [n.removesuffix(".in_sum2") for n in names[0::2]]
@@ -116,3 +125,19 @@ def test_convert_with_imatrix_lowers_importance_weighted_error(mini_k2, tmp_path
                 for k in err:
                     err[k] += ((outs[k].tensor(n) - w).pow(2) * imp[n.removesuffix(".weight")]).sum().item()
     assert err["imatrix"] < 0.97 * err["plain"], err
+
+
+def test_default_calibration_set_is_mixed_deterministic_and_renders_tool_calls():
+    from k2quant.calib.datasets import bundled_documents
+    from k2quant.calib.generated import agentic_documents, code_documents, math_documents
+
+    docs = bundled_documents()
+    assert docs == bundled_documents()
+    size = sum(len(d.encode()) for d in docs)
+    assert 250_000 < size < 500_000, size
+    math, agentic, code = math_documents(), agentic_documents(), code_documents()
+    assert any("x =" in d for d in math) and any("最大公约数" in d for d in math)
+    assert all("<|tool_call_begin|>functions." in d and "<|im_system|>tool<|im_middle|>" in d for d in agentic)
+    assert any("天气" in d for d in agentic) and any("weather" in d for d in agentic)
+    assert any("def quantize" in d for d in code)
+    assert len(bundled_documents(generated=False)) < len(docs)

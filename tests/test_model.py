@@ -111,6 +111,7 @@ def test_observer_sees_every_linear(tiny_fp8_dir):
     model.logits(_ids(512, b=1, t=10))
     assert seen["model.layers.0.self_attn.q_a_proj"] == 10
     assert seen["lm_head"] == 10
+    assert seen["model.layers.0.self_attn.attn_k_b"] == 10 * model.config.num_attention_heads  # per head
     # each token visits num_experts_per_tok experts
     routed = sum(v for k, v in seen.items() if k.startswith("model.layers.1.mlp.experts.") and k.endswith("gate_proj"))
     assert routed == 10 * model.config.num_experts_per_tok
