@@ -99,6 +99,27 @@ class StoredWeight:
             return w.to(dtype)
         raise AssertionError(self.format)
 
+    def rows(self, r0: int, r1: int) -> StoredWeight:
+        """Rows r0:r1 of a 2-D weight in stored form (r0 a multiple of 128: FP8 blocks and packed zero points)."""
+        if r0 % 128:
+            raise ValueError(f"{self.name}: row slices start at multiples of 128, got {r0}")
+        p = dict(self.parts)
+        for k in ("weight", "weight_packed"):
+            if k in p:
+                p[k] = p[k][r0:r1]
+        for k in ("weight_scale_inv", "weight_scale"):
+            s = p.get(k)
+            if s is None or s.dim() < 2:
+                continue
+            if self.format == "int4_pack" or (self.block is None and s.shape[0] == self.shape[0]):
+                p[k] = s[r0:r1]  # per-row (group or channel) scales
+            elif self.block is not None:
+                p[k] = s[r0 // self.block[0] : -(-r1 // self.block[0])]
+        if "weight_zero_point" in p:
+            p["weight_zero_point"] = p["weight_zero_point"][r0 // 8 : -(-r1 // 8)]
+        p.pop("weight_shape", None)
+        return StoredWeight(self.name, self.format, (r1 - r0, *self.shape[1:]), p, self.block)
+
 
 @dataclass(frozen=True)
 class Group:

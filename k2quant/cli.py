@@ -104,7 +104,13 @@ def demo(out: str) -> None:
 )
 @click.option("--split-max-size", default=None, help="gguf: split into files of at most this size (e.g. 48G).")
 @click.option("--name", "model_name", default=None, help="gguf: file stem and general.name (default SRC-PRESET).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Shards converted in parallel (safetensors).")
+@click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Worker processes: shards in parallel (safetensors), tensor pieces in parallel (gguf).",
+)
 @click.option("--resume", is_flag=True, help="Finish an interrupted conversion in OUT.")
 @click.option(
     "--transformers-config",
@@ -145,7 +151,8 @@ def convert(src, out, target, preset, recipe_file, overrides, method, act_order,
         from .convert_gguf import convert_gguf
 
         summary = convert_gguf(src, out, recipe, method=method, resume=resume, imatrix=imatrix,
-                               split_max_size=split_max_size, name=model_name, progress=not as_json)  # fmt: skip
+                               split_max_size=split_max_size, name=model_name, progress=not as_json,
+                               workers=workers)  # fmt: skip
         click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
         return
     summary = run_convert(src, out, recipe, method="gptq-act-order" if act_order else method, workers=workers,

@@ -16,7 +16,9 @@ import json
 import math
 import re
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -145,26 +147,50 @@ class _Importance:
 
 
 # ---------------------------------------------------------------------------- execution
-def _pieces(ck: Checkpoint, t: PlannedGGUF, method: str, imp: _Importance):
-    """The tensor's bytes in order, one expert or head at a time (uint8 tensors)."""
-    search = method == "mse"
-    if t.kind == "f32":
-        yield ck.tensor(t.sources[0], torch.float32).contiguous().view(torch.uint8).reshape(-1)
-        return
+ROW_CHUNK = 1024  # rows of a dense tensor per task (a multiple of 128: FP8 blocks, packed zero points)
+
+
+def _tasks(t: PlannedGGUF) -> list[tuple]:
+    """The tensor's pieces in file order: one per expert, per head, or per ROW_CHUNK rows."""
     if t.kind == "experts":
-        for e, src in enumerate(t.sources):
-            yield ggml.quantize(ck.tensor(src, torch.float32), t.type, imp.get(t.name, e), search).reshape(-1)
-        return
-    w = ck.tensor(t.sources[0], torch.float32)
+        return [(t.name, t.kind, src, t.type, e, 0, 0) for e, src in enumerate(t.sources)]
     if t.kind in ("k_b", "v_b"):
-        w = split_kv_b(w, ck.config, t.kind)
-        for h in range(w.shape[0]):
-            yield ggml.quantize(w[h], t.type, imp.get(t.name, h), search).reshape(-1)
-        return
-    yield ggml.quantize(w, t.type, imp.get(t.name), search).reshape(-1)
+        return [(t.name, t.kind, t.sources[0], t.type, h, 0, 0) for h in range(t.shape[0])]
+    if t.kind == "f32":
+        return [(t.name, t.kind, t.sources[0], t.type, 0, 0, 0)]
+    rows = t.shape[0]
+    return [(t.name, t.kind, t.sources[0], t.type, 0, r, min(r + ROW_CHUNK, rows)) for r in range(0, rows, ROW_CHUNK)]
 
 
-def _write_file(ck: Checkpoint, plan: GGUFPlan, index: int, out: Path, imp: _Importance, bar) -> int:
+_STATE: dict = {}
+
+
+def _setup(src: str, imatrix: str | None, names: set[str], method: str, threads: int | None = None) -> None:
+    """Per process: the opened checkpoint and importance (workers are spawned with plain arguments)."""
+    if threads:
+        torch.set_num_threads(threads)
+    _STATE.update(ck=open_checkpoint(src), imp=_Importance(imatrix, names), search=method == "mse")
+
+
+def _run(task: tuple) -> bytes:
+    """One piece's bytes. Rows are independent in every GGML type, so pieces and workers do not change the output."""
+    name, kind, src, typ, index, r0, r1 = task
+    ck, imp, search = _STATE["ck"], _STATE["imp"], _STATE["search"]
+    if kind == "f32":
+        return ck.tensor(src, torch.float32).contiguous().numpy().tobytes()
+    if kind == "experts":
+        w, importance = ck.tensor(src, torch.float32), imp.get(name, index)
+    elif kind in ("k_b", "v_b"):
+        w, importance = split_kv_b(ck.tensor(src, torch.float32), ck.config, kind)[index], imp.get(name, index)
+    elif hasattr(ck, "stored"):  # dequantize only these rows from the stored form
+        w, importance = ck.stored(src).rows(r0, r1).dequantize(torch.float32), imp.get(name)
+    else:  # a GGUF source
+        w, importance = ck.tensor(src, torch.float32)[r0:r1], imp.get(name)
+    return ggml.quantize(w, typ, importance, search).numpy().tobytes()
+
+
+def _write_file(ck: Checkpoint, plan: GGUFPlan, index: int, out: Path, run_map, bar) -> int:
+    """Write output file `index`; `run_map(tasks)` yields each task's bytes in order (in or out of process)."""
     import gguf
 
     names = plan.file_names()
@@ -191,12 +217,15 @@ def _write_file(ck: Checkpoint, plan: GGUFPlan, index: int, out: Path, imp: _Imp
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         fout = w.fout[0]
-        for t in tensors:
+        per_tensor = [_tasks(t) for t in tensors]
+        results = iter(run_map([task for tasks in per_tensor for task in tasks]))
+        for t, tasks in zip(tensors, per_tensor, strict=True):
             fout.write(b"\0" * (-fout.tell() % ALIGN))
             written = 0
-            for piece in _pieces(ck, t, plan.method, imp):
-                fout.write(piece.numpy().tobytes())
-                written += piece.numel()
+            for _ in tasks:
+                piece = next(results)
+                fout.write(piece)
+                written += len(piece)
             if written != t.nbytes:
                 raise ConvertError(f"tensor '{t.name}': wrote {written} bytes, planned {t.nbytes}")
             fout.write(b"\0" * (-written % ALIGN))
@@ -221,11 +250,15 @@ def convert_gguf(
     imatrix: str | Path | None = None,
     split_max_size: int | str | None = None,
     name: str | None = None,
+    workers: int = 1,
 ) -> dict:
     """Convert a checkpoint to GGUF file(s) in `out`; returns the summary.
 
     method "mse": both of llama.cpp's scale searches plus a scale polish, the lower error per
-    block; "rtn": llama.cpp's own procedure only (faster). `imatrix` weights the searches."""
+    block; "rtn": llama.cpp's own procedure only (faster). `imatrix` weights the searches.
+    workers > 1: pieces (experts, heads, row chunks) are encoded in that many spawned
+    processes with one torch thread each (the encoders are many small tensor operations,
+    which threads within one process barely speed up); the bytes do not change."""
     if method not in ("mse", "rtn"):
         raise ConvertError(f"unknown method {method!r} (mse or rtn)")
     t0 = time.time()
@@ -237,16 +270,25 @@ def convert_gguf(
     fp = plan.fingerprint()
     done = _prepare_out(out, fp, resume)
     names = plan.file_names()
-    imp = _Importance(plan.imatrix, {t.name for t in plan.tensors})
+    tnames = {t.name for t in plan.tensors}
     total = sum(t.source_bytes for t in plan.tensors)
     finished = sum(t.source_bytes for i, f in enumerate(plan.files) if names[i] in done for t in f)
     bar = tqdm(total=total, initial=finished, unit="B", unit_scale=True, unit_divisor=1024, desc="converting",
                disable=not progress, smoothing=0.1)  # fmt: skip
-    for i in range(len(plan.files)):
-        if names[i] in done:
-            continue
-        done[names[i]] = _write_file(ck, plan, i, out, imp, bar)
-        _record(out, fp, done)
+    todo = [i for i in range(len(plan.files)) if names[i] not in done]
+    if workers <= 1:
+        _setup(str(src), plan.imatrix, tnames, method)
+        for i in todo:
+            done[names[i]] = _write_file(ck, plan, i, out, lambda tasks: map(_run, tasks), bar)
+            _record(out, fp, done)
+    else:
+        ctx = get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_setup,
+                                 initargs=(str(src), plan.imatrix, tnames, method, 1)) as pool:  # fmt: skip
+            for i in todo:
+                done[names[i]] = _write_file(ck, plan, i, out, lambda tasks: pool.map(_run, tasks), bar)
+                _record(out, fp, done)
+    _STATE.clear()
     bar.close()
     summary = _summary(plan, out, time.time() - t0)
     write_json(out / SUMMARY, summary)

@@ -458,3 +458,24 @@ def test_open_computes_the_expected_inventory_once(tmp_path, monkeypatch):
     ck = open_checkpoint(tmp_path / "int4")
     assert sum(lt.format == "int4_pack" for lt in ck.tensors.values()) == 2 * 16 * 3
     assert len(calls) == 1
+
+
+def test_stored_row_slices_dequantize_like_the_whole(tiny_fp8_dir, tmp_path):
+    from k2quant.convert import convert
+    from k2quant.recipe import build_recipe
+
+    for path in (tiny_fp8_dir, None):
+        if path is None:  # an INT4 (asymmetric, packed zero points) checkpoint
+            path = tmp_path / "int4"
+            convert(tiny_fp8_dir, path, build_recipe("int4-all", overrides=[".=int4-g32-asym"]), method="rtn",
+                    progress=False)  # fmt: skip
+        ck = open_checkpoint(path)
+        for name in ck.names():
+            lt = ck.info(name)
+            if len(lt.shape) != 2 or lt.shape[0] <= 128:
+                continue
+            whole = ck.tensor(name)
+            part = ck.stored(name).rows(128, lt.shape[0]).dequantize()
+            assert torch.equal(part, whole[128:]), name
+    with pytest.raises(ValueError, match="multiples of 128"):
+        ck.stored(name).rows(5, 10)

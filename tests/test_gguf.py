@@ -233,8 +233,9 @@ def test_split_deterministic_and_resumable(tmp_path, monkeypatch):
     recipe = build_recipe("q4_k_m", target="gguf")
     convert_gguf(src, tmp_path / "a", recipe, split_max_size="400K", progress=False)
     convert_gguf(src, tmp_path / "b", recipe, split_max_size="400K", progress=False)
+    convert_gguf(src, tmp_path / "w", recipe, split_max_size="400K", progress=False, workers=2)
     a = _files(tmp_path / "a")
-    assert a == _files(tmp_path / "b") and len(a) >= 3
+    assert a == _files(tmp_path / "b") == _files(tmp_path / "w") and len(a) >= 3
     real = cg._write_file
 
     def fail_on_second(ck, plan, index, out, imp, bar):
