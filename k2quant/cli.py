@@ -94,13 +94,13 @@ def demo(out: str) -> None:
 @click.option(
     "--imatrix",
     type=click.Path(exists=True, dir_okay=False),
-    help="Importance (imatrix GGUF from k2quant calibrate or llama.cpp) weighting the INT4 search.",
+    help="Importance (imatrix GGUF from k2quant calibrate or llama.cpp) weighting the INT4 and k-quant searches.",
 )
 @click.option(
     "--calib",
     "calib_dir",
     type=click.Path(exists=True, file_okay=False),
-    help="A k2quant calibrate output directory (uses its imatrix.gguf).",
+    help="A k2quant calibrate output directory (its imatrix.gguf; its hessians.safetensors for --method gptq).",
 )
 @click.option("--split-max-size", default=None, help="gguf: split into files of at most this size (e.g. 48G).")
 @click.option("--name", "model_name", default=None, help="gguf: file stem and general.name (default SRC-PRESET).")
