@@ -283,15 +283,14 @@ def _merge_parts(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[byte
 def add_tokenizer(w, tok_dir: str | Path, vocab_size: int) -> None:
     """tiktoken.model + tokenizer_config.json -> llama.cpp's gpt2-style vocabulary, pre-tokenizer kimi-k2."""
     import gguf
-    from tiktoken.load import load_tiktoken_bpe
 
     from .tokenizer import CONFIG_FILE, TIKTOKEN_FILE, load_tokenizer
 
     d = Path(tok_dir)
     if not (d / TIKTOKEN_FILE).is_file():
         raise GGUFError(f"{d / TIKTOKEN_FILE}: not found; the GGUF needs the model's tokenizer")
-    ranks = load_tiktoken_bpe(str(d / TIKTOKEN_FILE))
     tok = load_tokenizer(d)
+    ranks = tok.encoding._mergeable_ranks
     if tok.vocab_size > vocab_size:
         raise GGUFError(f"{d / TIKTOKEN_FILE}: {tok.vocab_size} tokens, more than the config's vocab_size {vocab_size}")
     enc = _bytes_to_unicode()

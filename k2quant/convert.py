@@ -267,6 +267,15 @@ def _prepare_out(out: Path, fingerprint: str, resume: bool) -> dict[str, int]:
     return {}
 
 
+def file_sha256(path: Path) -> str:
+    """A file's sha256, read in 16 MB pieces (Hessian files run to many GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def pin_imatrix(plan, imatrix: str | Path | None) -> None:
     """Validate the importance file before any work and fold its content into the plan's fingerprint."""
     if imatrix is None:
@@ -276,7 +285,7 @@ def pin_imatrix(plan, imatrix: str | Path | None) -> None:
         raise ConvertError(f"{imatrix}: importance file not found")
     read_imatrix(imatrix, set())
     plan.imatrix = str(imatrix.resolve())
-    plan.imatrix_sha256 = hashlib.sha256(imatrix.read_bytes()).hexdigest()
+    plan.imatrix_sha256 = file_sha256(imatrix)
 
 
 def _plan_gptq(plan: Plan, hessians: Path) -> None:
@@ -288,7 +297,7 @@ def _plan_gptq(plan: Plan, hessians: Path) -> None:
     modules = [_module(t.name) for t in plan.tensors if t.action == "quantize" and t.scheme.startswith("int4")]
     counts = read_imatrix(plan.imatrix, set(modules))[1] if plan.imatrix else {}
     plan.hessians = str(hessians.resolve())
-    plan.hessians_sha256 = hashlib.sha256(hessians.read_bytes()).hexdigest()
+    plan.hessians_sha256 = file_sha256(hessians)
     thin = {m for m in modules if counts.get(m, GPTQ_MIN_TOKENS) < GPTQ_MIN_TOKENS}
     plan.gptq_fallbacks = sorted(m for m in modules if m not in have or m in thin)
 
@@ -412,18 +421,33 @@ def _finish(ck: Checkpoint, plan: Plan, out: Path, transformers_config: bool, se
     return summary
 
 
-def _summary(plan: Plan, out: Path, seconds: float) -> dict:
+def size_totals(rows: list[tuple[str, str, int, int, int]], seconds: float) -> dict:
+    """Summary numbers from (component, scheme or type, params, bytes, source bytes) per output tensor:
+    totals, bits per weight overall and by component, throughput. Shared by both output formats."""
     comps: dict[str, dict] = {}
-    for t in plan.tensors:
-        c = comps.setdefault(t.component, {"params": 0, "bytes": 0, "schemes": {}})
-        c["params"] += t.params
-        c["bytes"] += t.nbytes
-        c["schemes"][t.scheme] = c["schemes"].get(t.scheme, 0) + t.params
+    for comp, scheme, params, nbytes, _ in rows:
+        c = comps.setdefault(comp, {"params": 0, "bytes": 0, "schemes": {}})
+        c["params"] += params
+        c["bytes"] += nbytes
+        c["schemes"][scheme] = c["schemes"].get(scheme, 0) + params
     for c in comps.values():
         c["bits_per_weight"] = round(8 * c["bytes"] / c["params"], 3)
-    params = sum(t.params for t in plan.tensors)
-    size = sum(t.nbytes for t in plan.tensors)
-    src = sum(t.source_bytes for t in plan.tensors)
+    params = sum(r[2] for r in rows)
+    size = sum(r[3] for r in rows)
+    src = sum(r[4] for r in rows)
+    return {
+        "params": params,
+        "source_bytes": src,
+        "bytes": size,
+        "bits_per_weight": round(8 * size / params, 3),
+        "components": comps,
+        "seconds": round(seconds, 2),
+        "source_gb_per_s": round(src / max(seconds, 1e-9) / 1e9, 4),
+    }
+
+
+def _summary(plan: Plan, out: Path, seconds: float) -> dict:
+    totals = size_totals([(t.component, t.scheme, t.params, t.nbytes, t.source_bytes) for t in plan.tensors], seconds)
     return {
         "source": plan.source,
         "output": str(out),
@@ -434,15 +458,9 @@ def _summary(plan: Plan, out: Path, seconds: float) -> dict:
         "gptq_fallbacks": plan.gptq_fallbacks,
         "fingerprint": plan.fingerprint()[:16],
         "shards": len(plan.shards),
-        "params": params,
-        "source_bytes": src,
-        "bytes": size,
-        "bits_per_weight": round(8 * size / params, 3),
         "copied_bit_exact": sum(1 for t in plan.tensors if t.action == "copy"),
         "quantized": sum(1 for t in plan.tensors if t.action == "quantize"),
-        "components": comps,
-        "seconds": round(seconds, 2),
-        "source_gb_per_s": round(src / max(seconds, 1e-9) / 1e9, 4),
+        **totals,
     }
 
 

@@ -30,7 +30,7 @@ from k2quant.formats.hf import write_json
 from k2quant.formats.imatrix import read_imatrix_gguf
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .convert import JOURNAL, SUMMARY, ConvertError, _prepare_out, _record, pin_imatrix
+from .convert import JOURNAL, SUMMARY, ConvertError, _prepare_out, _record, pin_imatrix, size_totals
 from .names import parse_name
 from .quant import ggml
 from .recipe import K2_GGUF_MIXES, LLAMA_FTYPES, Recipe
@@ -151,12 +151,10 @@ ROW_CHUNK = 1024  # rows of a dense tensor per task (a multiple of 128: FP8 bloc
 
 
 def _tasks(t: PlannedGGUF) -> list[tuple]:
-    """The tensor's pieces in file order: one per expert, per head, or per ROW_CHUNK rows."""
+    """The tensor's pieces in file order: one per expert, one per ROW_CHUNK rows, or the whole tensor."""
     if t.kind == "experts":
         return [(t.name, t.kind, src, t.type, e, 0, 0) for e, src in enumerate(t.sources)]
-    if t.kind in ("k_b", "v_b"):
-        return [(t.name, t.kind, t.sources[0], t.type, h, 0, 0) for h in range(t.shape[0])]
-    if t.kind == "f32":
+    if t.kind in ("k_b", "v_b", "f32"):
         return [(t.name, t.kind, t.sources[0], t.type, 0, 0, 0)]
     rows = t.shape[0]
     return [(t.name, t.kind, t.sources[0], t.type, 0, r, min(r + ROW_CHUNK, rows)) for r in range(0, rows, ROW_CHUNK)]
@@ -180,8 +178,9 @@ def _run(task: tuple) -> bytes:
         return ck.tensor(src, torch.float32).contiguous().numpy().tobytes()
     if kind == "experts":
         w, importance = ck.tensor(src, torch.float32), imp.get(name, index)
-    elif kind in ("k_b", "v_b"):
-        w, importance = split_kv_b(ck.tensor(src, torch.float32), ck.config, kind)[index], imp.get(name, index)
+    elif kind in ("k_b", "v_b"):  # kv_b once, then each head with its own importance row
+        heads = split_kv_b(ck.tensor(src, torch.float32), ck.config, kind)
+        return b"".join(ggml.quantize(w, typ, imp.get(name, h), search).numpy().tobytes() for h, w in enumerate(heads))
     elif hasattr(ck, "stored"):  # dequantize only these rows from the stored form
         w, importance = ck.stored(src).rows(r0, r1).dequantize(torch.float32), imp.get(name)
     else:  # a GGUF source
@@ -256,7 +255,7 @@ def convert_gguf(
 
     method "mse": both of llama.cpp's scale searches plus a scale polish, the lower error per
     block; "rtn": llama.cpp's own procedure only (faster). `imatrix` weights the searches.
-    workers > 1: pieces (experts, heads, row chunks) are encoded in that many spawned
+    workers > 1: pieces (experts, row chunks, small tensors) are encoded in that many spawned
     processes with one torch thread each (the encoders are many small tensor operations,
     which threads within one process barely speed up); the bytes do not change."""
     if method not in ("mse", "rtn"):
@@ -297,19 +296,10 @@ def convert_gguf(
 
 
 def _summary(plan: GGUFPlan, out: Path, seconds: float) -> dict:
-    comps: dict[str, dict] = {}
     types: dict[str, int] = {}
     for t in plan.tensors:
-        c = comps.setdefault(t.component, {"params": 0, "bytes": 0, "schemes": {}})
-        c["params"] += t.params
-        c["bytes"] += t.nbytes
-        c["schemes"][t.type] = c["schemes"].get(t.type, 0) + t.params
         types[t.type] = types.get(t.type, 0) + 1
-    for c in comps.values():
-        c["bits_per_weight"] = round(8 * c["bytes"] / c["params"], 3)
-    params = sum(t.params for t in plan.tensors)
-    size = sum(t.nbytes for t in plan.tensors)
-    src = sum(t.source_bytes for t in plan.tensors)
+    totals = size_totals([(t.component, t.type, t.params, t.nbytes, t.source_bytes) for t in plan.tensors], seconds)
     return {
         "format": "gguf",
         "source": plan.source,
@@ -322,13 +312,7 @@ def _summary(plan: GGUFPlan, out: Path, seconds: float) -> dict:
         "shards": len(plan.files),
         "tensors": len(plan.tensors),
         "types": dict(sorted(types.items())),
-        "params": params,
-        "source_bytes": src,
-        "bytes": size,
-        "bits_per_weight": round(8 * size / params, 3),
         "copied_bit_exact": 0,
         "quantized": len(plan.tensors),
-        "components": comps,
-        "seconds": round(seconds, 2),
-        "source_gb_per_s": round(src / max(seconds, 1e-9) / 1e9, 4),
+        **totals,
     }

@@ -27,6 +27,16 @@ from .report.diff import run_diff
 from .report.render import terminal_summary, write_report
 
 
+def _run_or_reuse(where: Path, done_marker: Path, echo, step) -> None:
+    """Run a demo step (it returns its printed summary) unless an earlier run finished it;
+    what an unfinished earlier run left in `where` is removed first."""
+    if done_marker.exists():
+        echo(f"   reusing {where}")
+        return
+    shutil.rmtree(where, ignore_errors=True)
+    echo(step())
+
+
 def run(out: str | Path, echo=print) -> dict:
     out = Path(out)
     t0 = time.time()
@@ -43,30 +53,20 @@ def run(out: str | Path, echo=print) -> dict:
 
     echo("\n== 3. k2quant calibrate (bundled text, layer-streamed): imatrix.gguf and expert hotness")
     calib = out / "calib"
-    if not (calib / "imatrix.gguf").exists():
-        echo(format_calibration(calibrate(fp8, calib, tokens=4096, ctx=256, min_expert_tokens=32, progress=False)))
-    else:
-        echo(f"   reusing {calib}")
+    _run_or_reuse(calib, calib / "imatrix.gguf", echo, lambda: format_calibration(
+        calibrate(fp8, calib, tokens=4096, ctx=256, min_expert_tokens=32, progress=False)))  # fmt: skip
 
     echo("\n== 3b. k2quant convert --to safetensors --preset k2-int4 --calib (routed experts INT4 g32, as K2-Thinking)")
     int4 = out / "mini-k2-int4"
-    if not (int4 / "model.safetensors.index.json").exists():
-        shutil.rmtree(int4, ignore_errors=True)
-        conv = convert(fp8, int4, build_recipe("k2-int4"), transformers_config=True, progress=False,
-                       imatrix=calib / "imatrix.gguf")  # fmt: skip
-        echo(format_summary(conv))
-    else:
-        echo(f"   reusing {int4}")
+    _run_or_reuse(int4, int4 / "model.safetensors.index.json", echo, lambda: format_summary(
+        convert(fp8, int4, build_recipe("k2-int4"), transformers_config=True, progress=False,
+                imatrix=calib / "imatrix.gguf")))  # fmt: skip
 
     echo("\n== 3c. k2quant convert --to gguf --preset q4_k_m --calib (llama.cpp, one pass from FP8)")
     gguf_dir = out / "mini-k2-gguf"
-    if not (gguf_dir / "k2quant_convert.json").exists():
-        shutil.rmtree(gguf_dir, ignore_errors=True)
-        conv = convert_gguf(fp8, gguf_dir, build_recipe("q4_k_m", target="gguf"), progress=False,
-                            imatrix=calib / "imatrix.gguf", name="mini-k2-Q4_K_M")  # fmt: skip
-        echo(format_summary(conv))
-    else:
-        echo(f"   reusing {gguf_dir}")
+    _run_or_reuse(gguf_dir, gguf_dir / "k2quant_convert.json", echo, lambda: format_summary(
+        convert_gguf(fp8, gguf_dir, build_recipe("q4_k_m", target="gguf"), progress=False,
+                     imatrix=calib / "imatrix.gguf", name="mini-k2-Q4_K_M")))  # fmt: skip
     gguf_file = gguf_dir / "mini-k2-Q4_K_M.gguf"
 
     # held-out text: the tail of the bundled prose, which mini-K2 did not train on
