@@ -2,7 +2,11 @@
 
 Calibrates mini-K2 (BF16; the bundled calibration set, with Hessians), converts it with
 each method (preset int4-all by default), and diffs each against BF16 on the held-out
-text: mean KLD, its uncertainty, top-1 agreement and conversion seconds.
+text: mean KLD, its uncertainty, top-1 agreement and conversion seconds. The last row is
+GPTQ calibrated layer by layer inside convert (no stored Hessians) on the same tokens:
+it reports whether its shards are byte-identical to the stored-Hessian GPTQ's and the
+most Hessian memory it held, against the stored Hessians' size; then the same with
+--propagate (each layer calibrated on the quantized layers' outputs).
 
 Usage: python bench/gptq.py [--preset int4-all] [--tokens 8192] [--dir /tmp/k2bench-gptq] [--act-order]
 """
@@ -41,6 +45,7 @@ def main() -> None:
     if a.act_order:
         runs.append(("gptq act-order", {"method": "gptq-act-order", "imatrix": imatrix, "hessians": hessians}))
     print(f"{a.preset} on mini-K2 vs BF16 ({bf16.parent / 'eval.txt'}, 4 x 512-token chunks, second halves scored)")
+    stored = None
     for name, kw in runs:
         out = root / name.replace(" ", "")
         shutil.rmtree(out, ignore_errors=True)
@@ -48,8 +53,28 @@ def main() -> None:
         m = run_diff(bf16, out, [bf16.parent / "eval.txt"], ctx=512, chunks=4, progress=False)
         k = m["kld"]
         extra = f", {len(s['gptq_fallbacks'])} fallbacks" if s.get("hessians") else ""
+        if name == "gptq":
+            stored = out
         print(f"  {name:<16} KLD {k['mean']:.6f} ± {k['stderr']:.6f}  top-1 {100 * m['top1_agreement']:.2f}%  "
               f"convert {s['seconds']:.1f} s{extra}", flush=True)  # fmt: skip
+    streamed(bf16, root, a, stored, hessians, False)
+    streamed(bf16, root, a, stored, hessians, True)
+
+
+def streamed(bf16: Path, root: Path, a, stored: Path, hessians: Path, propagate: bool) -> None:
+    out = root / ("gptq-propagate" if propagate else "gptq-streamed")
+    shutil.rmtree(out, ignore_errors=True)
+    s = convert(bf16, out, build_recipe(a.preset), method="gptq", calib_tokens=a.tokens, calib_ctx=256,
+                propagate=propagate, progress=False)  # fmt: skip
+    m = run_diff(bf16, out, [bf16.parent / "eval.txt"], ctx=512, chunks=4, progress=False)
+    same = all((out / p.name).read_bytes() == p.read_bytes() for p in sorted(stored.glob("*.safetensors")))
+    g = s["gptq_stream"]
+    name = "gptq propagate" if propagate else "gptq streamed"
+    print(f"  {name:<16} KLD {m['kld']['mean']:.6f} ± {m['kld']['stderr']:.6f}  "
+          f"top-1 {100 * m['top1_agreement']:.2f}%  convert {s['seconds']:.1f} s (calibration + GPTQ "
+          f"{g['seconds']:.1f} s), {len(s['gptq_fallbacks'])} fallbacks; byte-identical to gptq: {same}; "
+          f"Hessians held at most {g['peak_hessian_bytes'] / 2**20:.1f} MiB (stored file "
+          f"{hessians.stat().st_size / 2**20:.1f} MiB in float32)", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,11 +14,23 @@ statistics only; the layer's output, and so the next layer's input, is unchanged
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
 
 from k2quant.model import K2Model
+
+
+class LayerSink(Protocol):
+    """Consumes statistics layer by layer during collection (layer-streamed GPTQ)."""
+
+    layers: set[int]
+    propagate: bool  # after layer_done, rerun the layer (its weights now quantized) to make the next layer's input
+
+    def expert_done(self, stats: CalibStats, layer: int, expert: int) -> None: ...
+
+    def layer_done(self, stats: CalibStats, layer: int) -> None: ...
 
 
 @dataclass
@@ -30,6 +42,9 @@ class CalibStats:
     topped_up: dict[int, torch.Tensor] = field(default_factory=dict)  # MoE layer -> extra tokens per expert
     tokens: int = 0
     hessians: dict[str, torch.Tensor] | None = None  # module -> X^T X (f64) when collected for GPTQ
+    hessian_for: set[str] | None = None  # the modules whose Hessians are wanted (None: all)
+    peak_hessian_bytes: int = 0  # most Hessian memory held at once
+    _last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its X^T X): gate/up, q_a/kv_a share inputs
 
     def observe(self, module: str, x: torch.Tensor) -> None:
         if x.dim() == 4:  # per-head inputs [b, H, t, d] (attn_k_b / attn_v_b): sums per head, no Hessian
@@ -44,14 +59,18 @@ class CalibStats:
         else:
             self.in_sum2[module] = s
         self.counts[module] = self.counts.get(module, 0) + rows.shape[0]
-        if self.hessians is not None:
-            for i in range(0, rows.shape[0], 4096):  # chunked: never more than 4096 rows in f64 at once
-                r = rows[i : i + 4096].double()
-                h = r.T @ r
-                if module in self.hessians:
-                    self.hessians[module] += h
-                else:
-                    self.hessians[module] = h
+        if self.hessians is not None and (self.hessian_for is None or module in self.hessian_for):
+            if self._last is not None and self._last[0] is x:
+                h = self._last[1]
+            else:
+                h = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+                for i in range(0, rows.shape[0], 4096):  # chunked: never more than 4096 rows in f64 at once
+                    r = rows[i : i + 4096].double()
+                    h.addmm_(r.T, r)
+                self._last = (x, h)
+            self.hessians[module] = self.hessians[module] + h if module in self.hessians else h
+            held = sum({id(v): v.nbytes for v in [*self.hessians.values(), h]}.values())
+            self.peak_hessian_bytes = max(self.peak_hessian_bytes, held)
 
     def hotness(self) -> dict:
         out = {}
@@ -72,13 +91,19 @@ def collect(
     batch: int = 8,
     min_expert_tokens: int = 0,
     progress: bool = True,
-    hessian: bool = False,
+    hessian: bool | set[str] = False,
+    sink: LayerSink | None = None,
 ) -> CalibStats:
     """Statistics for every linear (per expert for routed experts) over `sequences` [N, T];
-    with `hessian`, also X^T X per linear for GPTQ (in_features^2 doubles each)."""
+    with `hessian`, also X^T X per linear for GPTQ (in_features^2 doubles each; a set: for those modules).
+
+    With a `sink`, only the layers in `sink.layers` are observed (the others are just run,
+    and nothing runs past the last of them), and the sink is handed the statistics as each
+    routed expert and each layer completes, so it can consume and drop them."""
     c = model.config
-    stats = CalibStats(tokens=sequences.numel(), hessians={} if hessian else None)
-    model.observer = lambda name, x: stats.observe(name, x) if name != "lm_head" else None
+    stats = CalibStats(tokens=sequences.numel(), hessians={} if hessian else None,
+                       hessian_for=hessian if isinstance(hessian, set) else None)  # fmt: skip
+    observer = lambda name, x: stats.observe(name, x) if name != "lm_head" else None  # noqa: E731
 
     def on_route(layer, scores, ids, weights):
         e = c.n_routed_experts
@@ -100,29 +125,49 @@ def collect(
         stats.topped_up[layer] = topped
         return extra
 
-    model.route_observer = on_route
-    model.coverage = coverage if min_expert_tokens > 0 else None
     weights = model.weights
     weights.cache = lambda name: ".mlp.experts." not in name  # one layer's non-expert weights, never the experts
     pos = torch.arange(sequences.shape[1])
     hs = [model.embed(sequences[i : i + batch]) for i in range(0, sequences.shape[0], batch)]
-    bar = tqdm(range(c.num_hidden_layers), desc="calibrating", unit="layer", disable=not progress)
+    last = c.num_hidden_layers - 1 if sink is None else max(sink.layers, default=-1)
+    bar = tqdm(range(last + 1), desc="calibrating", unit="layer", disable=not progress)
     with torch.no_grad():
         for layer in bar:
-            hs = [model.attention_block(layer, h, pos) for h in hs]
-            shapes = [h.shape for h in hs]
-            flat = torch.cat([h.reshape(-1, c.hidden_size) for h in hs])
-            if c.is_moe(layer):
-                out = model.ffn_block(layer, flat)
-                if layer not in stats.topped_up:
-                    stats.topped_up[layer] = torch.zeros(c.n_routed_experts, dtype=torch.long)
-            else:  # dense: chunked by tokens, its weights stay cached for the layer
-                out = torch.cat([model.ffn_block(layer, flat[i : i + 4096]) for i in range(0, len(flat), 4096)])
-            hs = list(out.split([s[0] * s[1] for s in shapes]))
-            hs = [h.view(s) for h, s in zip(hs, shapes, strict=True)]
+            watch = sink is None or layer in sink.layers
+            model.observer = observer if watch else None
+            model.route_observer = on_route if watch else None
+            model.coverage = coverage if watch and min_expert_tokens > 0 else None
+            model.expert_done = (lambda i, e: sink.expert_done(stats, i, e)) if sink and watch else None
+            rerun = sink is not None and sink.propagate and watch
+            inputs = hs if rerun else None  # kept only to run the layer again: twice the hidden states
+            hs = _layer_forward(model, layer, hs, pos, stats)
             weights.release(f"model.layers.{layer}.")
-    model.observer = model.route_observer = model.coverage = None
+            stats._last = None
+            if sink is not None and watch:
+                sink.layer_done(stats, layer)
+            if rerun:  # again, with the weights now quantized, observed by no one
+                model.observer = model.route_observer = model.coverage = model.expert_done = None
+                hs = _layer_forward(model, layer, inputs, pos, stats)
+                weights.release(f"model.layers.{layer}.")
+            del inputs
+    model.observer = model.route_observer = model.coverage = model.expert_done = None
     return stats
+
+
+def _layer_forward(model: K2Model, layer: int, hs: list[torch.Tensor], pos: torch.Tensor,
+                   stats: CalibStats) -> list[torch.Tensor]:  # fmt: skip
+    """One decoder layer over every batch: attention per batch, the MLP / MoE half over all tokens at once."""
+    c = model.config
+    hs = [model.attention_block(layer, h, pos) for h in hs]
+    shapes = [h.shape for h in hs]
+    flat = torch.cat([h.reshape(-1, c.hidden_size) for h in hs])
+    if c.is_moe(layer):
+        out = model.ffn_block(layer, flat)
+        if layer not in stats.topped_up:
+            stats.topped_up[layer] = torch.zeros(c.n_routed_experts, dtype=torch.long)
+    else:  # dense: chunked by tokens, its weights stay cached for the layer
+        out = torch.cat([model.ffn_block(layer, flat[i : i + 4096]) for i in range(0, len(flat), 4096)])
+    return [h.view(s) for h, s in zip(out.split([s[0] * s[1] for s in shapes]), shapes, strict=True)]
 
 
 def coverage_report(stats: CalibStats, min_expert_tokens: int) -> dict:

@@ -19,6 +19,24 @@ from .model import open_model
 HESSIANS = "hessians.safetensors"  # X^T X per linear (float32), for convert --method gptq
 
 
+def calibration_sequences(src: str | Path, data: list[str | Path] | None, tokens: int, ctx: int
+                          ) -> tuple[torch.Tensor, int]:  # fmt: skip
+    """The calibration text (files, or the bundled set) tokenized with SRC's tokenizer, documents
+    joined by EOS, sampled into tokens // ctx windows of ctx: ([n, ctx] ids, tokens in the text)."""
+    try:
+        tok = load_tokenizer(src)
+    except FileNotFoundError:
+        raise K2QuantError(f"{src}: no tiktoken.model; calibration needs the model's tokenizer") from None
+    stream: list[int] = []
+    for d in load_texts(data) if data else bundled_documents():
+        stream.extend(tok.encode(d, allow_special=True))
+        stream.append(tok.eos_id)
+    try:
+        return torch.tensor(sample_sequences(stream, max(1, tokens // ctx), ctx), dtype=torch.long), len(stream)
+    except ValueError as e:
+        raise K2QuantError(str(e)) from None
+
+
 def calibrate(
     src: str | Path,
     out: str | Path,
@@ -35,20 +53,8 @@ def calibrate(
     src, out = Path(src), Path(out)
     model = open_model(src)  # layer-streamed; collect() keeps one layer's non-expert weights at a time
     ck = model.checkpoint
-    try:
-        tok = load_tokenizer(src)
-    except FileNotFoundError:
-        raise K2QuantError(f"{src}: no tiktoken.model; calibration needs the model's tokenizer") from None
-    docs = load_texts(data) if data else bundled_documents()
-    stream: list[int] = []
-    for d in docs:
-        stream.extend(tok.encode(d, allow_special=True))
-        stream.append(tok.eos_id)
-    n = max(1, tokens // ctx)
-    try:
-        seqs = torch.tensor(sample_sequences(stream, n, ctx), dtype=torch.long)
-    except ValueError as e:
-        raise K2QuantError(str(e)) from None
+    seqs, text_tokens = calibration_sequences(src, data, tokens, ctx)
+    n = seqs.shape[0]
     stats = collect(model, seqs, batch=batch, min_expert_tokens=min_expert_tokens, progress=progress, hessian=hessian)
     out.mkdir(parents=True, exist_ok=True)
     datasets = [str(p) for p in data] if data else ["k2quant bundled calibration set"]
@@ -67,7 +73,7 @@ def calibrate(
         "tokens": stats.tokens,
         "sequences": n,
         "ctx": ctx,
-        "text_tokens": len(stream),
+        "text_tokens": text_tokens,
         "min_expert_tokens": min_expert_tokens,
         "coverage": coverage_report(stats, min_expert_tokens),
         "linears": len(stats.in_sum2),

@@ -86,8 +86,9 @@ def demo(out: str) -> None:
     type=click.Choice(["mse", "rtn", "gptq"]),
     default="mse",
     show_default=True,
-    help="int4: mse (error-minimizing clipping search), rtn (round-to-nearest) or gptq (needs --calib from "
-    "calibrate --hessian). gguf: mse (llama.cpp's two scale searches and a polish, the better per block) or rtn "
+    help="int4: mse (error-minimizing clipping search), rtn (round-to-nearest) or gptq (Hessians from --calib DIR "
+    "made by calibrate --hessian, else calibrated layer by layer here on --calib-data). gguf: mse (llama.cpp's "
+    "two scale searches and a polish, the better per block) or rtn "
     "(llama.cpp's own procedure only).",
 )
 @click.option("--act-order", is_flag=True, help="gptq: quantize columns by decreasing Hessian diagonal.")
@@ -101,6 +102,26 @@ def demo(out: str) -> None:
     "calib_dir",
     type=click.Path(exists=True, file_okay=False),
     help="A k2quant calibrate output directory (its imatrix.gguf; its hessians.safetensors for --method gptq).",
+)
+@click.option(
+    "--calib-data",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="gptq without --calib: calibration text (.txt, .jsonl), repeatable; default: the bundled set.",
+)
+@click.option("--calib-tokens", default=65536, show_default=True, help="gptq without --calib: calibration tokens.")
+@click.option("--calib-ctx", default=512, show_default=True, help="gptq without --calib: tokens per sequence.")
+@click.option(
+    "--min-expert-tokens",
+    default=0,
+    show_default=True,
+    help="gptq without --calib: top up experts routed fewer tokens (as calibrate does).",
+)
+@click.option(
+    "--propagate",
+    is_flag=True,
+    help="gptq without --calib: calibrate each layer on the outputs of the layers before it as quantized "
+    "(GPTQ's sequential order; runs every layer twice).",
 )
 @click.option("--split-max-size", default=None, help="gguf: split into files of at most this size (e.g. 48G).")
 @click.option("--name", "model_name", default=None, help="gguf: file stem and general.name (default SRC-PRESET).")
@@ -118,8 +139,9 @@ def demo(out: str) -> None:
     help="Write model_type deepseek_v3 so transformers loads OUT without remote code.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def convert(src, out, target, preset, recipe_file, overrides, method, act_order, imatrix, calib_dir, split_max_size,
-            model_name, workers, resume, transformers_config, as_json):  # fmt: skip
+def convert(src, out, target, preset, recipe_file, overrides, method, act_order, imatrix, calib_dir, calib_data,
+            calib_tokens, calib_ctx, min_expert_tokens, propagate, split_max_size, model_name, workers, resume,
+            transformers_config, as_json):  # fmt: skip
     """Quantize SRC (a K2 / DeepSeek-V3 checkpoint) into OUT, streaming shard by shard.
 
     Source tensors already in the target form (FP8 block -> fp8-block, K2-Thinking
@@ -132,6 +154,8 @@ def convert(src, out, target, preset, recipe_file, overrides, method, act_order,
       k2quant convert Kimi-K2-Instruct k2-mixed --preset k2-int4 \\
           --override 'layers\\.(1|2|3)\\.mlp\\.experts\\.=fp8-block' --workers 2
       k2quant convert Kimi-K2-Instruct k2-int4 --preset k2-int4 --resume
+      k2quant convert Kimi-K2-Instruct k2-gptq --preset k2-int4 --method gptq --calib-data chat.jsonl \
+          --calib-tokens 131072 --min-expert-tokens 128
       k2quant convert Kimi-K2-Instruct k2-gguf --to gguf --preset q4_k_m --calib calib --split-max-size 48G
       k2quant convert Kimi-K2-Instruct k2-gguf --to gguf --preset k2-q3 --override 'ffn_down_exps=q5_k'
     """
@@ -147,6 +171,9 @@ def convert(src, out, target, preset, recipe_file, overrides, method, act_order,
         raise click.UsageError("--act-order applies to --method gptq")
     if method == "gptq" and target == "gguf":
         raise click.UsageError("--method gptq writes INT4 (--to safetensors); GGUF k-quants use mse or rtn")
+    if calib_data and (method != "gptq" or calib_dir):
+        raise click.UsageError("--calib-data feeds --method gptq's own calibration; with --calib DIR, or for other "
+                               "methods, calibrate first (k2quant calibrate --data ...)")  # fmt: skip
     if target == "gguf":
         from .convert_gguf import convert_gguf
 
@@ -157,7 +184,9 @@ def convert(src, out, target, preset, recipe_file, overrides, method, act_order,
         return
     summary = run_convert(src, out, recipe, method="gptq-act-order" if act_order else method, workers=workers,
                           resume=resume, imatrix=imatrix, hessians=hessians, transformers_config=transformers_config,
-                          progress=not as_json)  # fmt: skip
+                          progress=not as_json, calib_data=list(calib_data) or None, calib_tokens=calib_tokens,
+                          calib_ctx=calib_ctx, min_expert_tokens=min_expert_tokens,
+                          propagate=propagate)  # fmt: skip
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 

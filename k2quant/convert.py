@@ -33,12 +33,12 @@ from k2quant.formats.safetensors_file import DTYPE_NAMES, DTYPES, SafetensorsWri
 
 from .checkpoint import INDEX_FILE, Checkpoint, LogicalTensor, open_checkpoint
 from .errors import K2QuantError
+from .gptq_stream import GPTQ_MIN_TOKENS, SPOOL, SpoolReader, run_gptq_stream, spooled_fallbacks
 from .names import parse_name
 from .quant.schemes import Scheme, parse_scheme
 from .recipe import LINEAR_COMPONENTS, Recipe, RecipeError
 
 JOURNAL = ".k2quant-convert.journal.json"
-GPTQ_MIN_TOKENS = 128  # fewer calibration rows than this: the Hessian is too thin, use the weighted search
 SUMMARY = "k2quant_convert.json"
 FORMAT_VERSION = 1
 
@@ -82,11 +82,16 @@ class Plan:
     hessians: str | None = None  # GPTQ: path of calibrate's hessians.safetensors (sha256 below)
     hessians_sha256: str | None = None
     gptq_fallbacks: list[str] = field(default_factory=list)  # int4 modules quantized by the weighted search instead
+    gptq_calibration: dict | None = None  # layer-streamed GPTQ: sha256 of the token windows and the settings
+    gptq_stream: dict | None = None  # what the layer-streamed GPTQ did (not part of the fingerprint)
 
     def fingerprint(self) -> str:
         plan = asdict(self)
         plan.pop("imatrix")  # the files' content counts, not where they lie
         plan.pop("hessians")
+        plan.pop("gptq_stream")
+        if self.gptq_calibration:  # the fallbacks are found during the run, from the calibration that is pinned
+            plan.pop("gptq_fallbacks")
         blob = json.dumps({"v": FORMAT_VERSION, "plan": plan}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -188,6 +193,7 @@ def _nbytes(dtype: str, shape: list[int]) -> int:
 def convert_shard(
     src: str, out: str, shard: dict, method: str, progress_q=None, threads: int | None = None,
     imatrix: str | None = None, hessians: str | None = None, fallbacks: tuple[str, ...] = (),
+    spool: str | None = None,
 ) -> dict:  # fmt: skip
     """Write one planned output shard. Runs in the main process or a worker (arguments are plain data)."""
     if threads:
@@ -200,9 +206,9 @@ def convert_shard(
         imp = importance(*read_imatrix(imatrix, wanted))
     gptq = None
     if hessians:
-        from safetensors import safe_open
-
-        gptq = (safe_open(hessians, "pt"), set(fallbacks), method.endswith("act-order"))
+        gptq = _HessianGPTQ(hessians, set(fallbacks), method.endswith("act-order"))
+    elif spool:
+        gptq = SpoolReader(spool)
     entries = [(o[0], DTYPES[o[1]], tuple(o[2])) for t in tensors for o in t.outputs]
     writer = SafetensorsWriter(Path(out) / shard["file"], entries)
     t0 = time.time()
@@ -227,17 +233,31 @@ def _produce(ck: Checkpoint, t: PlannedTensor, method: str, imp: torch.Tensor | 
             yield out_name, stored.parts[t.source_parts[out_name]]
         return
     scheme = parse_scheme(t.scheme)
-    w = ck.tensor(t.name)
-    if scheme.kind in ("bf16", "keep"):
-        yield t.name, w.to(torch.bfloat16)
-        return
     mod = _module(t.name)
-    if gptq is not None and scheme.kind == "int4" and mod not in gptq[1]:
-        parts = scheme.quantize(w, hessian=gptq[0].get_tensor(mod + ".hessian"), act_order=gptq[2])
-    else:  # the importance vector weights the clipping search; plain RTN has nothing to weight
-        parts = scheme.quantize(w, importance=imp if scheme.kind == "int4" else None, search=method != "rtn")
+    parts = gptq.parts(mod) if isinstance(gptq, SpoolReader) and scheme.kind == "int4" else None
+    if parts is None:  # not spooled by the layer-streamed GPTQ: quantize here
+        w = ck.tensor(t.name)
+        if scheme.kind in ("bf16", "keep"):
+            yield t.name, w.to(torch.bfloat16)
+            return
+        if isinstance(gptq, _HessianGPTQ) and mod not in gptq.fallbacks and scheme.kind == "int4":
+            parts = scheme.quantize(w, hessian=gptq.hessian(mod), act_order=gptq.act_order)
+        else:  # the importance vector weights the clipping search; plain RTN has nothing to weight
+            parts = scheme.quantize(w, importance=imp if scheme.kind == "int4" else None, search=method != "rtn")
     for out_name, _, _ in t.outputs:
         yield out_name, parts[out_name[len(mod) + 1 :]]
+
+
+class _HessianGPTQ:
+    """GPTQ from calibrate's stored Hessians (computed here, in the shard's process)."""
+
+    def __init__(self, path: str, fallbacks: set[str], act_order: bool):
+        from safetensors import safe_open
+
+        self.file, self.fallbacks, self.act_order = safe_open(path, "pt"), fallbacks, act_order
+
+    def hessian(self, module: str) -> torch.Tensor:
+        return self.file.get_tensor(module + ".hessian")
 
 
 def _prepare_out(out: Path, fingerprint: str, resume: bool) -> dict[str, int]:
@@ -318,31 +338,55 @@ def convert(
     progress: bool = True,
     imatrix: str | Path | None = None,
     hessians: str | Path | None = None,
+    calib_data: list[str | Path] | None = None,
+    calib_tokens: int = 65536,
+    calib_ctx: int = 512,
+    min_expert_tokens: int = 0,
+    propagate: bool = False,
 ) -> dict:
     """Convert a checkpoint to compressed-tensors safetensors in `out`; returns the summary.
 
     `imatrix`: an importance file (k2quant calibrate's or llama.cpp's imatrix GGUF) that
     weights the INT4 clipping search per input channel. method "gptq" / "gptq-act-order":
-    INT4 by GPTQ from `hessians` (calibrate --hessian); modules without a Hessian or with
-    fewer than GPTQ_MIN_TOKENS calibration rows fall back to the weighted search (listed
-    in the summary)."""
+    INT4 by GPTQ from `hessians` (calibrate --hessian) or, without them, layer-streamed
+    over `calib_data` (default: the bundled set; calib_tokens in windows of calib_ctx, see
+    gptq_stream.py; `propagate`: each layer calibrated on the quantized layers' outputs);
+    modules without a Hessian or with fewer than GPTQ_MIN_TOKENS
+    calibration rows fall back to the weighted search (listed in the summary)."""
     if method not in ("mse", "rtn", "gptq", "gptq-act-order"):
         raise ConvertError(f"unknown method {method!r} (mse, rtn, gptq or gptq-act-order)")
     if imatrix is not None and method == "rtn":
         raise ConvertError("--imatrix weights the clipping search: use --method mse (or gptq)")
-    if method.startswith("gptq") and (hessians is None or not Path(hessians).is_file()):
-        raise ConvertError(f"--method gptq needs the Hessians of `k2quant calibrate --hessian` (pass --calib DIR); "
-                           f"{hessians or 'none given'} not found")  # fmt: skip
+    if method.startswith("gptq") and hessians is not None and not Path(hessians).is_file():
+        raise ConvertError(f"{hessians}: not found; make it with `k2quant calibrate --hessian`, or leave out --calib "
+                           "to calibrate layer by layer during the conversion")  # fmt: skip
+    if propagate and not (method.startswith("gptq") and hessians is None):
+        raise ConvertError("--propagate applies to the layer-streamed GPTQ (--method gptq without --calib)")
     t0 = time.time()
     src, out = Path(src), Path(out)
     ck = open_checkpoint(src)
     plan = plan_conversion(ck, recipe, method)
     pin_imatrix(plan, imatrix)
-    if method.startswith("gptq"):
+    streamed = method.startswith("gptq") and hessians is None
+    if streamed:
+        from .calibrate import calibration_sequences
+
+        seqs, _ = calibration_sequences(src, calib_data, calib_tokens, calib_ctx)
+        plan.gptq_calibration = {"tokens_sha256": hashlib.sha256(seqs.numpy().tobytes()).hexdigest(),
+                                 "sequences": seqs.shape[0], "ctx": seqs.shape[1],
+                                 "min_expert_tokens": min_expert_tokens, "propagate": propagate}  # fmt: skip
+    elif method.startswith("gptq"):
         _plan_gptq(plan, Path(hessians))
     fp = plan.fingerprint()
     done = _prepare_out(out, fp, resume)
     todo = [s for s in plan.shards if s.file not in done]
+    spool = None
+    if streamed:
+        spool = out / SPOOL
+        int4 = [t for s in todo for t in s.tensors if t.action == "quantize" and t.scheme.startswith("int4")]
+        plan.gptq_stream = run_gptq_stream(ck, [t for t in int4 if t.name.startswith("model.layers.")], spool, fp,
+                                           seqs, min_expert_tokens, method.endswith("act-order"), propagate,
+                                           progress=progress)  # fmt: skip
     total = sum(s.source_bytes for s in plan.shards)
     bar = tqdm(total=total, initial=total - sum(s.source_bytes for s in todo), unit="B", unit_scale=True,
                unit_divisor=1024, desc="converting", disable=not progress, smoothing=0.1)  # fmt: skip
@@ -350,7 +394,7 @@ def convert(
         q = _BarQueue(bar)
         for s in todo:
             r = convert_shard(str(src), str(out), asdict(s), method, q, imatrix=plan.imatrix, hessians=plan.hessians,
-                              fallbacks=tuple(plan.gptq_fallbacks))  # fmt: skip
+                              fallbacks=tuple(plan.gptq_fallbacks), spool=spool and str(spool))  # fmt: skip
             done[r["file"]] = r["bytes"]
             _record(out, fp, done)
     else:
@@ -370,6 +414,7 @@ def convert(
                     plan.imatrix,
                     plan.hessians,
                     tuple(plan.gptq_fallbacks),
+                    spool and str(spool),
                 )
                 for s in todo
             ]
@@ -387,7 +432,14 @@ def convert(
             while not q.empty():
                 bar.update(q.get())
     bar.close()
-    return _finish(ck, plan, out, transformers_config, time.time() - t0)
+    if spool is not None:
+        plan.gptq_fallbacks = spooled_fallbacks(spool) + sorted(
+            _module(t.name) for t in plan.tensors if t.action == "quantize" and t.scheme.startswith("int4")
+            and not t.name.startswith("model.layers."))  # fmt: skip
+    summary = _finish(ck, plan, out, transformers_config, time.time() - t0)
+    if spool is not None:
+        shutil.rmtree(spool)
+    return summary
 
 
 class _BarQueue:
@@ -456,6 +508,8 @@ def _summary(plan: Plan, out: Path, seconds: float) -> dict:
         "imatrix": plan.imatrix,
         "hessians": plan.hessians,
         "gptq_fallbacks": plan.gptq_fallbacks,
+        "gptq_calibration": plan.gptq_calibration,
+        "gptq_stream": plan.gptq_stream,
         "fingerprint": plan.fingerprint()[:16],
         "shards": len(plan.shards),
         "copied_bit_exact": sum(1 for t in plan.tensors if t.action == "copy"),
@@ -475,8 +529,14 @@ def format_summary(s: dict) -> str:
     for name, c in s["components"].items():
         schemes = ", ".join(f"{k}" for k in c["schemes"])
         lines.append(f"  {name:<16}{c['params']:>12,}{c['bits_per_weight']:>8.2f}  {schemes}")
-    if s.get("hessians"):
-        fb = s["gptq_fallbacks"]
-        lines.append(f"  GPTQ from {s['hessians']}; {len(fb)} module(s) fell back to the weighted search"
+    if s.get("hessians") or s.get("gptq_calibration"):
+        fb, c = s["gptq_fallbacks"], s.get("gptq_calibration")
+        source = s["hessians"] or f"layer-streamed calibration ({c['sequences']} x {c['ctx']} tokens)"
+        lines.append(f"  GPTQ from {source}; {len(fb)} module(s) fell back to the weighted search"
                      + (f" (too few calibration tokens or no Hessian), e.g. {fb[0]}" if fb else ""))  # fmt: skip
+        g = s.get("gptq_stream")
+        if g and g.get("gptq_modules") is not None:
+            lines.append(f"  streamed GPTQ: {g['gptq_modules']} modules in {g['layers_quantized']} layer(s), "
+                         f"{g['layers_reused']} reused; at most {g['peak_hessian_bytes'] / 2**20:.1f} MiB of "
+                         f"Hessians held, {g['seconds']:.1f} s")  # fmt: skip
     return "\n".join(lines)

@@ -210,6 +210,8 @@ class K2Model:
         # calibration: extra tokens per expert (layer, scores, ids) -> {expert: token indices}; the
         # experts run on them so observers see their inputs, but their outputs are discarded
         self.coverage: Callable[[int, torch.Tensor, torch.Tensor], dict[int, torch.Tensor]] | None = None
+        # calibration: (layer, expert) once a routed expert has seen all of its tokens (streamed GPTQ)
+        self.expert_done: Callable[[int, int], None] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -276,10 +278,11 @@ class K2Model:
             tok, slot = torch.where(ids == e)
             if e in extra:  # seen by observers only: the layer's output does not change
                 self.mlp(f"{p}experts.{e}.", flat[extra[e]])
-            if tok.numel() == 0:
-                continue
-            y = self.mlp(f"{p}experts.{e}.", flat[tok]) * weights[tok, slot, None].to(flat.dtype)
-            out.index_add_(0, tok, y)
+            if tok.numel():
+                y = self.mlp(f"{p}experts.{e}.", flat[tok]) * weights[tok, slot, None].to(flat.dtype)
+                out.index_add_(0, tok, y)
+            if self.expert_done is not None:
+                self.expert_done(i, e)
         out = out.view(shape)
         if c.n_shared_experts:
             out = out + self.mlp(p + "shared_experts.", x)

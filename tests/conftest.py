@@ -148,12 +148,14 @@ def two_sizes(tmp_path_factory) -> list[Path]:
             for n in (2, 10)]  # fmt: skip
 
 
-def assert_peak_rss_independent_of_size(two_sizes: list[Path], script: str, tmp: Path) -> list[int]:
+def assert_peak_rss_independent_of_size(two_sizes: list[Path], script: str, tmp: Path,
+                                        env: dict[str, str] | None = None) -> list[int]:  # fmt: skip
     """Run `script SRC TMP/x` in a fresh process on both sizes; its last output line is its peak RSS.
 
     The larger model may cost at most a quarter of its extra bytes: holding it (even only its
     stored bytes) would cost all of them, dequantized four times as much; the quarter leaves room
     for the allocator's run-to-run noise (about 30 MB on these sizes)."""
+    import os
     import subprocess
     import sys
 
@@ -161,7 +163,7 @@ def assert_peak_rss_independent_of_size(two_sizes: list[Path], script: str, tmp:
     for i, src in enumerate(two_sizes):
         sizes.append(sum(p.stat().st_size for p in src.glob("*.safetensors")))
         r = subprocess.run([sys.executable, "-c", script, str(src), str(tmp / f"run{i}")], capture_output=True,
-                           text=True, check=True)  # fmt: skip
+                           text=True, check=True, env={**os.environ, **(env or {})})  # fmt: skip
         peaks.append(int(r.stdout.split()[-1]))
     assert sizes[1] > 4 * sizes[0]
     assert peaks[1] - peaks[0] < 0.25 * (sizes[1] - sizes[0]), (peaks, sizes)
