@@ -24,12 +24,14 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from convert import make, size, warm  # noqa: E402  (bench/convert.py)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from llamacpp import llama_source  # noqa: E402
 
 K2QUANT = r"""
 import json, sys, time, os
@@ -78,20 +80,6 @@ llama_quantize(sys.argv[1], sys.argv[2], "q4_k_m", nthread=int(sys.argv[3]))
 os.sync()
 print(json.dumps({"seconds": time.time() - t, "bytes": os.path.getsize(sys.argv[2]), "peak_rss": peak_rss()}))
 """
-
-
-def llama_source(root: Path) -> Path:
-    """vendor/llama.cpp of the installed llama-cpp-python's source distribution (pip download)."""
-    import importlib.metadata
-
-    ver = importlib.metadata.version("llama-cpp-python")
-    d = root / f"llama_cpp_python-{ver}"
-    if not (d / "vendor/llama.cpp/convert_hf_to_gguf.py").exists():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        f"llama-cpp-python=={ver}", "-d", str(root)], check=True, capture_output=True)  # fmt: skip
-        with tarfile.open(root / f"llama_cpp_python-{ver}.tar.gz") as tf:
-            tf.extractall(root, filter="data")
-    return d / "vendor/llama.cpp"
 
 
 def run(script: str, *args: str) -> dict:

@@ -53,11 +53,8 @@ def write_imatrix(
     w.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, chunk_size)
     for name in sorted(stacks):
         members = stacks[name]
-        if None in members and in_sum2[members[None]].dim() == 2:  # per head (attn_k_b / attn_v_b): nmat = heads
-            sums = list(in_sum2[members[None]])
-            cnts = [counts[members[None]]] * len(sums)
-        elif None in members:
-            sums = [in_sum2[members[None]]]
+        if None in members:  # per-head sums (attn_k_b / attn_v_b) are flattened: one row of heads x d, one count,
+            sums = [in_sum2[members[None]].flatten()]  # as llama-imatrix writes a dense 3-D tensor
             cnts = [counts[members[None]]]
         else:
             n_in = next(iter(in_sum2[m] for m in members.values())).numel()

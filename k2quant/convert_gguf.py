@@ -133,11 +133,15 @@ class _Importance:
     def __init__(self, path: str | None, names: set[str]):
         self.data = read_imatrix_gguf(path, names) if path else {}
 
-    def get(self, name: str, index: int = 0) -> torch.Tensor | None:
+    def get(self, name: str, index: int = 0, cols: int | None = None) -> torch.Tensor | None:
+        """Column weights of matrix `index` of `name` (an expert, or a head of attn_k_b / attn_v_b,
+        whose heads llama.cpp stores as one row of heads x cols with one count)."""
         entry = self.data.get(name)
         if entry is None:
             return None
         sums, counts = entry
+        if cols and sums.shape[1] != cols and sums.shape[1] % cols == 0:
+            sums = sums.reshape(-1, cols)
         if index >= sums.shape[0]:
             index = 0
         n = counts[index] if counts.shape[0] > index else counts[0]
@@ -180,7 +184,8 @@ def _run(task: tuple) -> bytes:
         w, importance = ck.tensor(src, torch.float32), imp.get(name, index)
     elif kind in ("k_b", "v_b"):  # kv_b once, then each head with its own importance row
         heads = split_kv_b(ck.tensor(src, torch.float32), ck.config, kind)
-        return b"".join(ggml.quantize(w, typ, imp.get(name, h), search).numpy().tobytes() for h, w in enumerate(heads))
+        return b"".join(ggml.quantize(w, typ, imp.get(name, h, w.shape[1]), search).numpy().tobytes()
+                        for h, w in enumerate(heads))  # fmt: skip
     elif hasattr(ck, "stored"):  # dequantize only these rows from the stored form
         w, importance = ck.stored(src).rows(r0, r1).dequantize(torch.float32), imp.get(name)
     else:  # a GGUF source

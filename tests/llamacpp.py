@@ -4,6 +4,9 @@ evaluate a GGUF and return its logits for every position. Shared by tests and be
 from __future__ import annotations
 
 import ctypes
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +54,32 @@ def llama_logits(path: Path, tokens: list[int], n_ctx: int, beta_fast: float, be
     out = np.array(llm.scores[: len(tokens)], dtype=np.float32)
     llm.close()
     return out
+
+
+def llama_source(root: Path) -> Path:
+    """vendor/llama.cpp of the installed llama-cpp-python's source distribution (pip download)."""
+    import importlib.metadata
+
+    ver = importlib.metadata.version("llama-cpp-python")
+    d = root / f"llama_cpp_python-{ver}"
+    if not (d / "vendor/llama.cpp/convert_hf_to_gguf.py").exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={ver}", "-d", str(root)], check=True, capture_output=True)  # fmt: skip
+        with tarfile.open(root / f"llama_cpp_python-{ver}.tar.gz") as tf:
+            tf.extractall(root, filter="data")
+    return d / "vendor/llama.cpp"
+
+
+def llama_tool(name: str, root: Path) -> Path:
+    """One of llama.cpp's command-line tools (e.g. llama-imatrix, which llama-cpp-python does not
+    ship), built with cmake from the same llama.cpp source the installed package was built from;
+    kept under `root` (about 8 minutes on 2 cores the first time)."""
+    src = llama_source(root)
+    build = root / "build"
+    exe = build / "bin" / name
+    if not exe.exists():
+        subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
+                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(["cmake", "--build", str(build), "--target", name, "-j"], check=True, capture_output=True)
+    return exe

@@ -86,9 +86,12 @@ def test_cli_writes_imatrix_gguf_and_hotness(mini_k2, tmp_path):
     assert list(exps.shape) == [c.moe_intermediate_size, c.n_routed_experts]  # ggml ne {n_in, n_expert}
     assert list(t["blk.1.ffn_down_exps.weight.counts"].shape) == [1, c.n_routed_experts]
     assert list(t["blk.0.attn_q_a.weight.in_sum2"].shape) == [c.hidden_size, 1]
-    # llama.cpp's absorbed-MLA matrices: one row per head (their inputs are per head)
-    assert list(t["blk.1.attn_k_b.weight.in_sum2"].shape) == [c.qk_nope_head_dim, c.num_attention_heads]
-    assert list(t["blk.1.attn_v_b.weight.in_sum2"].shape) == [c.kv_lora_rank, c.num_attention_heads]
+    # llama.cpp's absorbed-MLA matrices (per-head inputs): as llama-imatrix stores a dense 3-D weight,
+    # one row of heads x d and one count
+    h = c.num_attention_heads
+    assert list(t["blk.1.attn_k_b.weight.in_sum2"].shape) == [c.qk_nope_head_dim * h, 1]
+    assert list(t["blk.1.attn_v_b.weight.in_sum2"].shape) == [c.kv_lora_rank * h, 1]
+    assert list(t["blk.1.attn_k_b.weight.counts"].shape) == [1, 1]
     # as llama.cpp's save_imatrix: weights in sorted order, each as in_sum2 then counts
     names = [x.name for x in reader.tensors]
     weights = [n.removesuffix(".in_sum2") for n in names[0::2]]
