@@ -5,6 +5,9 @@ Builds a one-layer synthetic FP8 checkpoint at K2's dimensions (hidden 7168, MLA
 k2quant's layer-streamed collection over random tokens, and reports in one run: tokens per
 second through the layer, seconds to read and dequantize one routed expert, peak RSS, and
 an estimate for all of K2 (60 MoE layers x 384 experts) from those two measured rates.
+It also times GPTQ (int4-g32) of one routed expert at K2's dimensions from Hessians of its
+real calibration inputs (gate and up share one 7168^2 Hessian, down has a 2048^2 one): the
+per-expert cost of `convert --method gptq`, which the layer-streamed run adds per expert.
 
 Usage: python bench/calibrate.py [--dir /tmp/k2quant-bench] [--experts 32] [--tokens 4096] [--ctx 512]
 """
@@ -37,7 +40,18 @@ seqs = torch.randint(0, ck.config.vocab_size, (tokens // ctx, ctx), generator=to
 t = time.time()
 stats = collect(model, seqs, batch=4, progress=False)
 dt = time.time() - t
-print(json.dumps({"seconds": dt, "tokens": seqs.numel(), "expert_load_s": expert_s, "peak_rss": peak_rss()}))
+peak = peak_rss()
+from k2quant.quant.schemes import parse_scheme
+hot = int(stats.routed[0].argmax())  # the expert with the most tokens: a full-rank Hessian
+mod = f"model.layers.0.mlp.experts.{hot}."
+g = collect(model, seqs, batch=4, progress=False, hessian={mod + "gate_proj", mod + "down_proj"})
+scheme = parse_scheme("int4-g32")
+t = time.time()
+for p, h in (("gate_proj", "gate_proj"), ("up_proj", "gate_proj"), ("down_proj", "down_proj")):
+    scheme.quantize(ck.tensor(mod + p + ".weight"), hessian=g.hessians[mod + h].float())
+gptq_s = time.time() - t
+print(json.dumps({"seconds": dt, "tokens": seqs.numel(), "expert_load_s": expert_s, "peak_rss": peak,
+                  "gptq_expert_s": gptq_s, "gptq_rows": g.counts[mod + "gate_proj"]}))
 """
 
 
@@ -71,9 +85,19 @@ def main() -> None:
     print(f"  compute alone: {tps_compute:.0f} tokens/s; peak RSS {m['peak_rss'] / 1e9:.2f} GB")
     print(f"  estimate for K2 (60 MoE layers x 384 experts), 131072 tokens: {est_131k:.1f} h "
           f"({60 * k2_layer_load / 3600:.1f} h of it loading experts)")  # fmt: skip
+    gptq_h = 60 * 384 * m["gptq_expert_s"] / 3600
+    print(
+        f"  GPTQ int4-g32 of one routed expert (gate, up, down; Hessians from {m['gptq_rows']} routed rows): "
+        f"{m['gptq_expert_s']:.1f} s; for K2's 23040 routed experts: {gptq_h:.0f} h on these cores"
+    )
     if a.json:
-        Path(a.json).write_text(json.dumps({**m, "tokens_per_s": tps, "compute_tokens_per_s": tps_compute,
-                                            "k2_estimate_hours_131k": est_131k}, indent=2))  # fmt: skip
+        rates = {
+            "tokens_per_s": tps,
+            "compute_tokens_per_s": tps_compute,
+            "k2_estimate_hours_131k": est_131k,
+            "k2_gptq_hours": gptq_h,
+        }
+        Path(a.json).write_text(json.dumps({**m, **rates}, indent=2))
 
 
 if __name__ == "__main__":

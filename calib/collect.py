@@ -139,7 +139,7 @@ def collect(
             model.coverage = coverage if watch and min_expert_tokens > 0 else None
             model.expert_done = (lambda i, e: sink.expert_done(stats, i, e)) if sink and watch else None
             rerun = sink is not None and sink.propagate and watch
-            inputs = hs if rerun else None  # kept only to run the layer again: twice the hidden states
+            inputs = list(hs) if rerun else None  # kept only to run the layer again: twice the hidden states
             hs = _layer_forward(model, layer, hs, pos, stats)
             weights.release(f"model.layers.{layer}.")
             stats._last = None
@@ -156,9 +156,10 @@ def collect(
 
 def _layer_forward(model: K2Model, layer: int, hs: list[torch.Tensor], pos: torch.Tensor,
                    stats: CalibStats) -> list[torch.Tensor]:  # fmt: skip
-    """One decoder layer over every batch: attention per batch, the MLP / MoE half over all tokens at once."""
+    """One decoder layer over every batch: attention per batch, the MLP / MoE half over all tokens at once.
+    Consumes `hs` (emptied batch by batch), so a layer's inputs are freed as its outputs are made."""
     c = model.config
-    hs = [model.attention_block(layer, h, pos) for h in hs]
+    hs = [model.attention_block(layer, hs.pop(0), pos) for _ in range(len(hs))]
     shapes = [h.shape for h in hs]
     flat = torch.cat([h.reshape(-1, c.hidden_size) for h in hs])
     if c.is_moe(layer):

@@ -94,6 +94,15 @@ def test_calibrate_hessian_and_convert_gptq(mini_k2, gptq_runs, tmp_path):
     r = CliRunner().invoke(main, ["convert", str(mini_k2["bf16"]), str(tmp_path / "x"), "--preset", "k2-int4",
                                   "--method", "gptq", "--calib", str(tmp_path)])  # fmt: skip
     assert r.exit_code == 1 and "calibrate --hessian" in r.output and "hessians.safetensors" in r.output
+    r = CliRunner().invoke(main, ["convert", str(mini_k2["bf16"]), str(tmp_path / "y"), "--preset", "k2-int4",
+                                  "--method", "gptq", "--calib", str(gptq_runs["calib"]), "--propagate"])  # fmt: skip
+    assert r.exit_code == 1 and "--propagate applies to the layer-streamed GPTQ" in r.output
+    text = tmp_path / "t.txt"
+    text.write_text("calibration text")
+    r = CliRunner().invoke(main, ["convert", str(mini_k2["bf16"]), str(tmp_path / "z"), "--preset", "k2-int4",
+                                  "--calib-data", str(text)])  # fmt: skip
+    assert r.exit_code == 2 and "--calib-data feeds --method gptq" in r.output
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
 def test_streamed_gptq_equals_stored_hessians(mini_k2, gptq_runs):
