@@ -16,6 +16,31 @@ import torch
 
 from .int4 import quantize_int4
 
+_LAST: dict = {}  # the last Hessian factored, and its factor
+
+
+def _factor(hessian: torch.Tensor, damp: float, act_order: bool):
+    """(dead channels, Hessian diagonal, column order, upper Cholesky factor of the damped inverse).
+
+    The float64 Cholesky work of a 7168-wide Hessian is most of GPTQ's time for one K2 expert,
+    and an expert's gate and up share their input and so their Hessian: the last factor is
+    kept and reused when the next Hessian is equal (compared by value, so nothing depends on
+    how the caller holds it)."""
+    key = (damp, act_order)
+    if _LAST.get("key") == key and _LAST["h"].shape == hessian.shape and torch.equal(_LAST["h"], hessian):
+        return _LAST["factor"]
+    H = hessian.to(torch.float64).clone()
+    cols = H.shape[0]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    diag = torch.diag(H).clone()
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(cols)
+    H = H[perm][:, perm]
+    H += damp * diag.mean() * torch.eye(cols, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(torch.float32)
+    _LAST.update(key=key, h=hessian.clone(), factor=(dead, diag, perm, U))
+    return _LAST["factor"]
+
 
 def gptq_int4(
     w: torch.Tensor,
@@ -35,41 +60,33 @@ def gptq_int4(
     if cols % group_size or block % group_size:
         raise ValueError(f"input width {cols} and block {block} must be multiples of group size {group_size}")
     W = w.to(torch.float32).clone()
-    H = hessian.to(torch.float64).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    dead, diag, perm, U = _factor(hessian, damp, act_order)
     W[:, dead] = 0.0
-    diag = torch.diag(H).clone()
     groups = cols // group_size
     scales = torch.empty(rows, groups, dtype=scale_dtype)
     zeros = None if symmetric else torch.empty(rows, groups, dtype=torch.int8)
     if act_order:
-        perm = torch.argsort(diag, descending=True, stable=True)
         _, scales, zeros = quantize_int4(W, group_size, symmetric, qmax, diag.float(), True, scale_dtype)
-    else:
-        perm = torch.arange(cols)
     W = W[:, perm]
-    H = H[perm][:, perm]
-    H += damp * diag.mean() * torch.eye(cols, dtype=torch.float64)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(torch.float32)
     Q = torch.empty(rows, cols, dtype=torch.int8)
     lo = -qmax if symmetric else -8
-    for i1 in range(0, cols, block):
+    for i1 in range(0, cols, block):  # columns as rows (transposed blocks): every column op is contiguous
         i2 = min(i1 + block, cols)
-        W1 = W[:, i1:i2].clone()
-        E = torch.zeros(rows, i2 - i1)
+        W1 = W[:, i1:i2].T.contiguous()
+        E = torch.zeros(i2 - i1, rows)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             orig = int(perm[i1 + i])
             g = orig // group_size
             if not act_order and orig % group_size == 0:  # a group starts: its scale from the updated weights
                 imp = diag[orig : orig + group_size].float()
-                _, s, z = quantize_int4(W1[:, i : i + group_size], group_size, symmetric, qmax, imp, True, scale_dtype)
+                grp = W1[i : i + group_size].T.contiguous()
+                _, s, z = quantize_int4(grp, group_size, symmetric, qmax, imp, True, scale_dtype)
                 scales[:, g] = s[:, 0]
                 if zeros is not None:
                     zeros[:, g] = z[:, 0]
             s = scales[:, g].to(torch.float32)
-            x = W1[:, i]
+            x = W1[i]
             if zeros is None:
                 q = torch.clamp(torch.round(x / s), lo, 7)
                 dq = q * s
@@ -79,7 +96,7 @@ def gptq_int4(
                 dq = (q - zf) * s
             Q[:, i1 + i] = q.to(torch.int8)
             err = (x - dq) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            E[:, i] = err
-        W[:, i2:] -= E @ U[i1:i2, i2:]
+            W1[i:] -= U1[i, i:, None] * err[None, :]
+            E[i] = err
+        W[:, i2:] -= E.T @ U[i1:i2, i2:]
     return Q[:, torch.argsort(perm)], scales, zeros
