@@ -34,6 +34,7 @@ from k2quant.formats.safetensors_file import DTYPE_NAMES, DTYPES, SafetensorsWri
 from .checkpoint import INDEX_FILE, Checkpoint, LogicalTensor, open_checkpoint
 from .errors import K2QuantError
 from .gptq_stream import GPTQ_MIN_TOKENS, SPOOL, SpoolReader, run_gptq_stream, spooled_fallbacks
+from .gptq_stream import module_of as _module
 from .names import parse_name
 from .quant.schemes import Scheme, parse_scheme
 from .recipe import LINEAR_COMPONENTS, Recipe, RecipeError
@@ -101,8 +102,9 @@ class Plan:
 
 
 # ---------------------------------------------------------------------------- planning
-def _module(name: str) -> str:
-    return name.removesuffix(".weight")
+def _int4(tensors) -> list[PlannedTensor]:
+    """The planned tensors that are quantized to INT4 (the ones GPTQ takes)."""
+    return [t for t in tensors if t.action == "quantize" and t.scheme.startswith("int4")]
 
 
 def _source_int4_scheme(lt: LogicalTensor) -> Scheme:
@@ -314,7 +316,7 @@ def _plan_gptq(plan: Plan, hessians: Path) -> None:
 
     with safe_open(str(hessians), "pt") as f:
         have = {k.removesuffix(".hessian") for k in f.keys()}
-    modules = [_module(t.name) for t in plan.tensors if t.action == "quantize" and t.scheme.startswith("int4")]
+    modules = [_module(t.name) for t in _int4(plan.tensors)]
     counts = read_imatrix(plan.imatrix, set(modules))[1] if plan.imatrix else {}
     plan.hessians = str(hessians.resolve())
     plan.hessians_sha256 = file_sha256(hessians)
@@ -383,10 +385,9 @@ def convert(
     spool = None
     if streamed:
         spool = out / SPOOL
-        int4 = [t for s in todo for t in s.tensors if t.action == "quantize" and t.scheme.startswith("int4")]
-        plan.gptq_stream = run_gptq_stream(ck, [t for t in int4 if t.name.startswith("model.layers.")], spool, fp,
-                                           seqs, min_expert_tokens, method.endswith("act-order"), propagate,
-                                           progress=progress)  # fmt: skip
+        int4 = [t for t in _int4(t for s in todo for t in s.tensors) if t.name.startswith("model.layers.")]
+        plan.gptq_stream = run_gptq_stream(ck, int4, spool, fp, seqs, min_expert_tokens, method.endswith("act-order"),
+                                           propagate, progress=progress)  # fmt: skip
     total = sum(s.source_bytes for s in plan.shards)
     bar = tqdm(total=total, initial=total - sum(s.source_bytes for s in todo), unit="B", unit_scale=True,
                unit_divisor=1024, desc="converting", disable=not progress, smoothing=0.1)  # fmt: skip
@@ -433,9 +434,8 @@ def convert(
                 bar.update(q.get())
     bar.close()
     if spool is not None:
-        plan.gptq_fallbacks = spooled_fallbacks(spool) + sorted(
-            _module(t.name) for t in plan.tensors if t.action == "quantize" and t.scheme.startswith("int4")
-            and not t.name.startswith("model.layers."))  # fmt: skip
+        outside = [_module(t.name) for t in _int4(plan.tensors) if not t.name.startswith("model.layers.")]
+        plan.gptq_fallbacks = spooled_fallbacks(spool) + sorted(outside)  # lm_head etc.: never calibrated
     summary = _finish(ck, plan, out, transformers_config, time.time() - t0)
     if spool is not None:
         shutil.rmtree(spool)

@@ -184,47 +184,42 @@ def run_gptq_stream(ck: Checkpoint, tensors: list, spool: Path, fingerprint: str
 
 
 class SpooledWeights(CheckpointWeights):
-    """The forward's weights during streamed GPTQ: a layer's INT4 linears as quantized once its
-    spool file is complete (`complete`), the checkpoint's own weights otherwise. Only a
-    propagating run reads a layer after completing it, so without propagation this is the
-    checkpoint, apart from layers reused on --resume that are never observed again."""
+    """The forward's weights during streamed GPTQ: with --propagate, a layer's INT4 linears as
+    quantized once its spool file is complete (`complete`); the checkpoint's own otherwise."""
 
     def __init__(self, ck: Checkpoint, spool: Path, schemes: dict[str, str], complete: set[int]):
         super().__init__(ck)
-        self.spool, self.schemes, self.complete = spool, schemes, complete
+        self.reader, self.schemes, self.complete = SpoolReader(spool), schemes, complete
 
     def fetch(self, name: str) -> torch.Tensor:
         m = _LAYER.match(name)
         if name in self.schemes and m and int(m[1]) in self.complete:
-            module = module_of(name)
-            with safe_open(str(spool_file(self.spool, int(m[1]))), "pt") as f:
-                keys = set(f.keys())
-                parts = {k[len(module) + 1 :]: f.get_tensor(k) for k in keys if k.startswith(module + ".")}
+            parts = self.reader.parts(module_of(name))
             return parse_scheme(self.schemes[name]).dequantize(parts, self.checkpoint.info(name).shape)
         return super().fetch(name)
 
 
 class SpoolReader:
-    """Phase two: the spooled parts of a module, or None where the spool has none."""
+    """The spooled parts of a module, or None where the spool has none. One layer's file is open
+    at a time (reads go layer by layer), so mapped spool pages do not pile up."""
 
     def __init__(self, spool: str | Path):
         self.spool = Path(spool)
-        self._open: dict[int, tuple[object, set[str]] | None] = {}
+        self._layer: int | None = None
+        self._file = None
+        self._keys: set[str] = set()
 
     def parts(self, module: str) -> dict[str, torch.Tensor] | None:
         m = _LAYER.match(module)
         if not m:
             return None
-        layer = int(m[1])
-        if layer not in self._open:
-            path = spool_file(self.spool, layer)
-            if path.is_file():
-                f = safe_open(str(path), "pt")
-                self._open[layer] = (f, set(f.keys()))
-            else:
-                self._open[layer] = None
-        if self._open[layer] is None or module + ".weight_packed" not in self._open[layer][1]:
+        if self._layer != int(m[1]):
+            path = spool_file(self.spool, int(m[1]))
+            if not path.is_file():
+                return None
+            self._layer, self._file = int(m[1]), safe_open(str(path), "pt")
+            self._keys = set(self._file.keys())
+        if module + ".weight_packed" not in self._keys:
             return None
-        f, keys = self._open[layer]
         parts = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
-        return {p: f.get_tensor(f"{module}.{p}") for p in parts if f"{module}.{p}" in keys}
+        return {p: self._file.get_tensor(f"{module}.{p}") for p in parts if f"{module}.{p}" in self._keys}
