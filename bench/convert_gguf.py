@@ -76,9 +76,11 @@ sys.path.insert(0, sys.argv[4])
 from llamacpp import llama_quantize
 from k2quant.memory import peak_rss
 t = time.time()
-llama_quantize(sys.argv[1], sys.argv[2], "q4_k_m", nthread=int(sys.argv[3]))
+llama_quantize(sys.argv[1], sys.argv[2], "q4_k_m", nthread=int(sys.argv[3]))  # runs in a child process
 os.sync()
-print(json.dumps({"seconds": time.time() - t, "bytes": os.path.getsize(sys.argv[2]), "peak_rss": peak_rss()}))
+import resource
+print(json.dumps({"seconds": time.time() - t, "bytes": os.path.getsize(sys.argv[2]),
+                  "peak_rss": max(peak_rss(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)}))
 """
 
 

@@ -16,6 +16,7 @@ Usage: python bench/gguf_imatrix.py [--dir /tmp/k2bench-imatrix] [--tokens 8192]
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
@@ -25,9 +26,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from llamacpp import llama_quantize, llama_tool  # noqa: E402
+from llamacpp import SETTING, llama_quantize, llama_tool, no_repack_args  # noqa: E402
 
 from k2quant import minik2, open_model  # noqa: E402
+from k2quant.calib.datasets import heldout_text  # noqa: E402
 from k2quant.calibrate import calibrate, calibration_sequences  # noqa: E402
 from k2quant.convert_gguf import convert_gguf  # noqa: E402
 from k2quant.formats.imatrix import read_imatrix_gguf  # noqa: E402
@@ -41,6 +43,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192, help="calibration tokens")
     ap.add_argument("--eval-chunks", type=int, default=4)
     a = ap.parse_args()
+    print(f"llama.cpp: llama-cpp-python {importlib.metadata.version('llama-cpp-python')}, {SETTING}")
     root = Path(a.dir)
     root.mkdir(parents=True, exist_ok=True)
     info = minik2.build(minik2.default_dir(), progress=False)
@@ -63,9 +66,9 @@ def main() -> None:
         paths[name] = next(out.glob("*.gguf"))
     if not imats["llama.cpp"].exists():
         exe = llama_tool("llama-imatrix", root / "llama.cpp")
-        subprocess.run([str(exe), "-m", str(paths["bf16"]), "-f", str(text), "-o", str(imats["llama.cpp"]),
-                        "-c", "256", "-b", "256", "--chunks", str(a.tokens // 256), "-t", "2", "--yarn-beta-fast",
-                        str(cfg.rope.beta_fast), "--yarn-beta-slow", str(cfg.rope.beta_slow)],
+        subprocess.run([str(exe), *no_repack_args(exe), "-m", str(paths["bf16"]), "-f", str(text), "-o",
+                        str(imats["llama.cpp"]), "-c", "256", "-b", "256", "--chunks", str(a.tokens // 256), "-t", "2",
+                        "--yarn-beta-fast", str(cfg.rope.beta_fast), "--yarn-beta-slow", str(cfg.rope.beta_slow)],
                        check=True, capture_output=True)  # fmt: skip
     names = {t.name for t in gguf.GGUFReader(str(paths["bf16"])).tensors}
     weights = {}
@@ -89,7 +92,7 @@ def main() -> None:
         if not paths[name].exists():
             llama_quantize(paths["bf16"], paths[name], "q4_k_m", imatrix=im)
     tok = load_tokenizer(bf16)
-    ids = tok.encode((bf16.parent / "eval.txt").read_text(encoding="utf-8"))[: 512 * a.eval_chunks]
+    ids = tok.encode(heldout_text())[: 512 * a.eval_chunks]  # calib/heldout/: not in training or calibration
     x = torch.tensor(ids).view(-1, 512)
     ref = torch.log_softmax(open_model(bf16).logits(x).double(), -1)[:, 256:-1]
     print(f"Q4_K_M vs BF16, mini-K2, {ref.shape[0] * ref.shape[1]} held-out tokens scored, "

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from k2quant import minik2
+from k2quant.calib.datasets import heldout_text
 from k2quant.calibrate import calibrate
 from k2quant.convert import convert
 from k2quant.recipe import build_recipe
@@ -35,6 +36,9 @@ def main() -> None:
     bf16 = Path(info["bf16"])
     root = Path(a.dir)
     calib = root / "calib"
+    root.mkdir(parents=True, exist_ok=True)
+    a.heldout = root / "heldout.txt"  # calib/heldout/: read by neither training nor calibration
+    a.heldout.write_text(heldout_text(), encoding="utf-8")
     if not (calib / "hessians.safetensors").exists():
         s = calibrate(bf16, calib, None, tokens=a.tokens, ctx=256, progress=False, hessian=True)
         print(f"calibrated {s['tokens']} tokens with Hessians in {s['seconds']:.1f} s")
@@ -44,13 +48,13 @@ def main() -> None:
             ("gptq", {"method": "gptq", "imatrix": imatrix, "hessians": hessians})]  # fmt: skip
     if a.act_order:
         runs.append(("gptq act-order", {"method": "gptq-act-order", "imatrix": imatrix, "hessians": hessians}))
-    print(f"{a.preset} on mini-K2 vs BF16 ({bf16.parent / 'eval.txt'}, 4 x 512-token chunks, second halves scored)")
+    print(f"{a.preset} on mini-K2 vs BF16 (held-out text {a.heldout}, 4 x 512-token chunks, second halves scored)")
     stored = None
     for name, kw in runs:
         out = root / name.replace(" ", "")
         shutil.rmtree(out, ignore_errors=True)
         s = convert(bf16, out, build_recipe(a.preset), progress=False, **kw)
-        m = run_diff(bf16, out, [bf16.parent / "eval.txt"], ctx=512, chunks=4, progress=False)
+        m = run_diff(bf16, out, [a.heldout], ctx=512, chunks=4, progress=False)
         k = m["kld"]
         extra = f", {len(s['gptq_fallbacks'])} fallbacks" if s.get("hessians") else ""
         if name == "gptq":
@@ -66,7 +70,7 @@ def streamed(bf16: Path, root: Path, a, stored: Path, hessians: Path, propagate:
     shutil.rmtree(out, ignore_errors=True)
     s = convert(bf16, out, build_recipe(a.preset), method="gptq", calib_tokens=a.tokens, calib_ctx=256,
                 propagate=propagate, progress=False)  # fmt: skip
-    m = run_diff(bf16, out, [bf16.parent / "eval.txt"], ctx=512, chunks=4, progress=False)
+    m = run_diff(bf16, out, [a.heldout], ctx=512, chunks=4, progress=False)
     same = all((out / p.name).read_bytes() == p.read_bytes() for p in sorted(stored.glob("*.safetensors")))
     g = s["gptq_stream"]
     name = "gptq propagate" if propagate else "gptq streamed"

@@ -21,6 +21,15 @@ def bundled_texts() -> dict[str, str]:
     return out
 
 
+def heldout_text() -> str:
+    """Evaluation text that neither mini-K2's training nor any calibration set reads: English and
+    Chinese prose written for the project, kept apart in calib/heldout/ (the benches' and the
+    tests' held-out text; test_datasets checks it is disjoint from both)."""
+    root = resources.files("k2quant.calib") / "heldout"
+    return "\n\n".join(entry.read_text(encoding="utf-8") for entry in sorted(root.iterdir(), key=lambda p: p.name)
+                         if entry.name.endswith(".txt"))  # fmt: skip
+
+
 def jsonl_documents(text: str, source: str = "<jsonl>") -> list[str]:
     """One document per line: {"text": ...} as is, {"messages": [...], "tools": [...]} rendered in K2's chat format."""
     docs = []

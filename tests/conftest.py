@@ -139,6 +139,16 @@ def mini_k2(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def heldout_file(tmp_path_factory) -> Path:
+    """The project's held-out evaluation text (calib/heldout/) as one file, for `--data`."""
+    from k2quant.calib.datasets import heldout_text
+
+    p = tmp_path_factory.mktemp("heldout") / "heldout.txt"
+    p.write_text(heldout_text(), encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="session")
 def two_sizes(tmp_path_factory) -> list[Path]:
     """The same synthetic FP8 model with 2 and with 10 layers (about 37 MB and 243 MB): for memory tests."""
     from k2quant.synthetic import k2_config_dict, write_synthetic_checkpoint

@@ -1,24 +1,93 @@
 """llama.cpp (the llama-cpp-python package) as a peer: quantize a GGUF with its own quantizer,
-evaluate a GGUF and return its logits for every position. Shared by tests and bench/."""
+evaluate a GGUF and return its logits for every position, tokenize with its vocabulary, and
+build its command-line tools from the same source. Shared by tests and bench/.
+
+Two rules hold for every use:
+- llama.cpp runs in a child process (`in_child`): a native abort inside llama.cpp (a
+  GGML_ASSERT, SIGSEGV, SIGILL) is then one failed test that carries llama.cpp's last stderr
+  lines, not a dead test session.
+- llama.cpp's extra CPU buffer types are off (`SETTING`): on AMX CPUs the vendored llama.cpp of
+  llama-cpp-python 0.3.36 puts quantized weights into its AMX buffer and then aborts in
+  `ggml_backend_sched_split_graph` (GGML_ASSERT(*cur_backend_id != -1)) on every quantized
+  deepseek2 GGUF. The library gets `use_extra_bufts = False` in its model params; the tools get
+  the no-repack switch their `--help` names (`no_repack_args`). This also turns off the x86
+  repacked Q4_0 / Q4_K / IQ4_NL layouts on CPUs without AMX.
+"""
 
 from __future__ import annotations
 
 import ctypes
+import os
+import pickle
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
+
+LLAMA_CPP_PYTHON = "0.3.36"  # the version the project was checked with (pyproject pins it)
+SETTING = "llama.cpp extra buffer types off (library: use_extra_bufts=False; tools: --no-repack / --repack 0)"
 
 FTYPES = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "Q8_0": 7, "Q4_0": 2,
           "q2_k": 10, "q3_k_m": 12, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "q8_0": 7}  # fmt: skip
 
 
-def llama_quantize(src: Path, dst: Path, ftype: str, *, pure: bool = False, nthread: int = 2,
-                   imatrix: dict[str, np.ndarray] | None = None) -> None:  # fmt: skip
-    """llama_model_quantize: `imatrix` maps GGUF tensor names to llama-quantize's column weights
-    (mean x^2, already divided by the counts; experts' rows concatenated)."""
+class LlamaCppCrashed(AssertionError):
+    """llama.cpp's child process died (abort, signal or non-zero exit); the message carries its stderr tail."""
+
+
+# ---------------------------------------------------------------------------- the child process
+def in_child(func: str, *args, timeout: float = 1800, **kwargs):
+    """Run `func(*args, **kwargs)` of this module in a fresh Python process and return its result.
+
+    Arguments and result travel pickled (through stdin and a temporary file, since llama.cpp
+    writes to stdout and stderr). A child that dies raises LlamaCppCrashed naming how it died
+    and the last 25 lines of its stderr."""
+    with tempfile.TemporaryDirectory(prefix="k2quant-llamacpp-") as d:
+        result = Path(d) / "result.pkl"
+        r = subprocess.run([sys.executable, __file__, str(result)], input=pickle.dumps((func, args, kwargs)),
+                           capture_output=True, timeout=timeout)  # fmt: skip
+        if r.returncode != 0 or not result.exists():
+            if r.returncode < 0:
+                how = f"killed by {signal.Signals(-r.returncode).name}"
+            else:
+                how = f"exit status {r.returncode}"
+            tail = "\n".join(r.stderr.decode("utf-8", "replace").splitlines()[-25:])
+            raise LlamaCppCrashed(f"llama.cpp child process for {func}() died ({how}); {SETTING}; "
+                                  f"last stderr lines:\n{tail}")  # fmt: skip
+        return pickle.loads(result.read_bytes())
+
+
+def _child_main(result_path: str) -> None:
+    func, args, kwargs = pickle.loads(sys.stdin.buffer.read())
+    _turn_off_extra_buffer_types()
+    out = globals()[func](*args, **kwargs)
+    Path(result_path).write_bytes(pickle.dumps(out))
+
+
+def _turn_off_extra_buffer_types() -> None:
+    """Every llama_model_params llama-cpp-python makes from here on has use_extra_bufts = False
+    (`Llama` reads the defaults through this module attribute and does not expose the field)."""
+    import llama_cpp.llama_cpp as lc
+
+    real = lc.llama_model_default_params
+    if getattr(real, "_k2quant_no_extra_bufts", False):
+        return
+
+    def params():
+        p = real()
+        p.use_extra_bufts = False
+        return p
+
+    params._k2quant_no_extra_bufts = True
+    lc.llama_model_default_params = params
+
+
+# ---------------------------------------------------------------------------- what the child runs
+def _quantize(src: str, dst: str, ftype: str, pure: bool, nthread: int, imatrix: dict[str, np.ndarray] | None) -> int:
     import llama_cpp
 
     p = llama_cpp.llama_model_quantize_default_params()
@@ -36,7 +105,71 @@ def llama_quantize(src: Path, dst: Path, ftype: str, *, pure: bool = False, nthr
             entries[i].size = a.size
         entries[len(imatrix)].name = None
         p.imatrix = entries
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    return llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p))
+
+
+def _logits(path: str, tokens: list[int], n_ctx: int, beta_fast: float, beta_slow: float) -> tuple[np.ndarray, str]:
+    from llama_cpp import Llama
+
+    with _captured_stderr() as log:
+        llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=True,
+                    n_threads=2, yarn_beta_fast=beta_fast, yarn_beta_slow=beta_slow, seed=0)  # fmt: skip
+        llm.eval(tokens)
+        out = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+        llm.close()
+    return out, log.read()
+
+
+def _tokenize(path: str, texts: list[str]) -> list[list[int]]:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, vocab_only=True, verbose=False)
+    return [llm.tokenize(t.encode(), add_bos=False, special=False) for t in texts]
+
+
+def _extra_bufts_default() -> bool:
+    """What llama-cpp-python's model params say about extra buffer types here (False in a child)."""
+    import llama_cpp.llama_cpp as lc
+
+    return bool(lc.llama_model_default_params().use_extra_bufts)
+
+
+def _abort(message: str) -> None:
+    """For the isolation test: say something on stderr, then die as a GGML_ASSERT does."""
+    os.write(2, message.encode() + b"\n")
+    os.abort()
+
+
+class _captured_stderr:
+    """Redirect file descriptor 2 (where llama.cpp logs) to a temporary file; `.read()` after."""
+
+    def __enter__(self):
+        self._file = tempfile.TemporaryFile()
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        if exc[0] is not None:  # let the parent see the log of a failure
+            self._file.seek(0)
+            os.write(2, self._file.read()[-8000:])
+        return False
+
+    def read(self) -> str:
+        self._file.seek(0)
+        return self._file.read().decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------- the public calls
+def llama_quantize(src: Path, dst: Path, ftype: str, *, pure: bool = False, nthread: int = 2,
+                   imatrix: dict[str, np.ndarray] | None = None) -> None:  # fmt: skip
+    """llama_model_quantize: `imatrix` maps GGUF tensor names to llama-quantize's column weights
+    (mean x^2, already divided by the counts; experts' rows concatenated)."""
+    rc = in_child("_quantize", str(src), str(dst), ftype, pure, nthread, imatrix)
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize failed ({rc}) on {src}")
 
@@ -45,15 +178,17 @@ def llama_logits(path: Path, tokens: list[int], n_ctx: int, beta_fast: float, be
     """Logits for every position of `tokens` (one sequence) from llama.cpp's CPU backend.
 
     llama.cpp's deepseek2 loader does not read rope.scaling.yarn_beta_fast/slow from the file
-    (it keeps 32 / 1); K2 configures 1 / 1, so the context is given the config's values."""
-    from llama_cpp import Llama
+    (it keeps 32 / 1); K2 configures 1 / 1, so the context is given the config's values. The
+    load log is checked: no weight may sit in an extra (AMX / repacked) buffer."""
+    logits, log = in_child("_logits", str(path), tokens, n_ctx, beta_fast, beta_slow)
+    extra = [line for line in log.splitlines() if "model buffer size" in line and ("AMX" in line or "REPACK" in line)]
+    assert not extra, f"llama.cpp used an extra buffer type although {SETTING}: {extra}"
+    return logits
 
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False,
-                n_threads=2, yarn_beta_fast=beta_fast, yarn_beta_slow=beta_slow, seed=0)  # fmt: skip
-    llm.eval(tokens)
-    out = np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    llm.close()
-    return out
+
+def llama_tokenize(path: Path, texts: list[str]) -> list[list[int]]:
+    """llama.cpp's tokenization (no BOS, no special-token parsing) of each text with the GGUF's vocabulary."""
+    return in_child("_tokenize", str(path), list(texts))
 
 
 def llama_source(root: Path) -> Path:
@@ -70,16 +205,32 @@ def llama_source(root: Path) -> Path:
     return d / "vendor/llama.cpp"
 
 
-def llama_tool(name: str, root: Path) -> Path:
+def llama_tool(name: str, root: Path, cmake_args: tuple[str, ...] = ()) -> Path:
     """One of llama.cpp's command-line tools (e.g. llama-imatrix, which llama-cpp-python does not
     ship), built with cmake from the same llama.cpp source the installed package was built from;
-    kept under `root` (about 8 minutes on 2 cores the first time)."""
+    kept under `root` (about 8 minutes on 2 cores the first time). Run it with `no_repack_args`."""
     src = llama_source(root)
     build = root / "build"
     exe = build / "bin" / name
     if not exe.exists():
         subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
-                       check=True, capture_output=True)  # fmt: skip
+                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                        *cmake_args], check=True, capture_output=True)  # fmt: skip
         subprocess.run(["cmake", "--build", str(build), "--target", name, "-j"], check=True, capture_output=True)
     return exe
+
+
+def no_repack_args(exe: Path) -> list[str]:
+    """The switch that keeps a llama.cpp tool off its extra buffer types, as its `--help` names it:
+    `--no-repack` (llama-perplexity, llama-imatrix, llama-cli, llama-server) or `--repack 0` (llama-bench)."""
+    r = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    help_text = r.stdout + r.stderr
+    if "--no-repack" in help_text:
+        return ["--no-repack"]
+    if "--repack" in help_text:
+        return ["--repack", "0"]
+    raise RuntimeError(f"{exe.name} --help names neither --no-repack nor --repack; cannot turn off extra buffers")
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1])

@@ -81,16 +81,8 @@ def test_kld_floor_ignores_tiny_reference_probabilities():
     assert q["kld"].item() == pytest.approx(math.log(2), rel=1e-9)
 
 
-def _text(mini_k2) -> str:
-    from k2quant.calib.datasets import bundled_texts
-
-    p = mini_k2["fp8"].parent / "eval.txt"
-    p.write_text(bundled_texts()["en_prose.txt"] + bundled_texts()["zh_prose.txt"])
-    return str(p)
-
-
-def test_self_diff_is_exactly_zero(mini_k2):
-    m = run_diff(mini_k2["fp8"], mini_k2["fp8"], [_text(mini_k2)], ctx=128, chunks=4, progress=False)
+def test_self_diff_is_exactly_zero(mini_k2, heldout_file):
+    m = run_diff(mini_k2["fp8"], mini_k2["fp8"], [heldout_file], ctx=128, chunks=4, progress=False)
     assert m["kld"]["mean"] == 0.0 and m["kld"]["max"] == 0.0
     assert m["top1_agreement"] == 1.0 and m["ppl"]["ratio"] == 1.0 and m["delta_p"]["rms"] == 0.0
     assert m["router"]["topk_agreement"] == 1.0
@@ -98,15 +90,15 @@ def test_self_diff_is_exactly_zero(mini_k2):
     assert all(t["snr_db"] == float("inf") for t in m["per_tensor"])
 
 
-def test_bf16_against_int4_report(mini_k2, tmp_path):
+def test_bf16_against_int4_report(mini_k2, heldout_file, tmp_path):
     from k2quant.convert import convert
     from k2quant.recipe import build_recipe
 
     cand = tmp_path / "int4"
     convert(mini_k2["bf16"], cand, build_recipe("int4-all"), method="rtn", progress=False)
     out = tmp_path / "report"
-    r = CliRunner().invoke(main, ["diff", str(mini_k2["bf16"]), str(cand), "--data", _text(mini_k2), "--out", str(out),
-                                  "--ctx", "128", "--chunks", "8"])  # fmt: skip
+    r = CliRunner().invoke(main, ["diff", str(mini_k2["bf16"]), str(cand), "--data", str(heldout_file), "--out",
+                                  str(out), "--ctx", "128", "--chunks", "8"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "KLD" in r.output and "top-1 agreement" in r.output
     m = json.loads((out / "metrics.json").read_text())
