@@ -1,14 +1,14 @@
-"""Rendering a diff: metrics.json, report.md (tables), report.html (one file, plots embedded), terminal summary."""
+"""Rendering a diff: metrics.json, report.md (tables), report.html (page.py: one file, plots embedded, sortable
+HTML tables), terminal summary."""
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
 from collections import defaultdict
 from pathlib import Path
+
+from .page import html_report
 
 
 def terminal_summary(m: dict) -> str:
@@ -28,6 +28,8 @@ def terminal_summary(m: dict) -> str:
 
 
 def _component_table(m: dict) -> list[dict]:
+    """Per component: tensors, params, params-weighted bits per weight and weight SNR (dB, over the tensors that
+    differ; inf when none does), and the worst tensor's SNR."""
     acc: dict[str, dict] = defaultdict(lambda: {"params": 0, "bits": 0.0, "sig_noise": []})
     for t in m["per_tensor"]:
         a = acc[t["component"]]
@@ -38,8 +40,9 @@ def _component_table(m: dict) -> list[dict]:
     for comp, a in acc.items():
         finite = [(s, n) for s, n in a["sig_noise"] if math.isfinite(s)]
         snr = sum(s * n for s, n in finite) / sum(n for _, n in finite) if finite else float("inf")
-        rows.append({"component": comp, "params": a["params"], "bits_per_weight": a["bits"] / a["params"],
-                     "snr_db": snr})  # fmt: skip
+        rows.append({"component": comp, "tensors": len(a["sig_noise"]), "params": a["params"],
+                     "bits_per_weight": a["bits"] / a["params"], "snr_db": snr,
+                     "worst_snr_db": min(s for s, _ in a["sig_noise"])})  # fmt: skip
     return rows
 
 
@@ -100,86 +103,6 @@ def markdown(m: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _finish(plt, fig, ax, xlabel: str, ylabel: str, title: str) -> str:
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    png = _png(fig)
-    plt.close(fig)
-    return png
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def plots(m: dict) -> dict[str, str]:
-    """Base64 PNGs: KLD distribution, error by layer, expert error vs frequency, bpw vs error by component."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    out = {}
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    vals = [v for v in m["kld_values"] if v > 0]
-    if vals:
-        lo, hi = math.log10(min(vals)), math.log10(max(vals))
-        bins = [10 ** (lo + (hi - lo) * i / 50) for i in range(51)] if hi > lo else 20
-        ax.hist(vals, bins=bins)
-        ax.set_xscale("log")
-    out["kld_distribution"] = _finish(plt, fig, ax, "per-token KLD (nats)", "tokens", "KLD distribution")
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    layers = [r["layer"] for r in m["per_layer"]]
-    ax.plot(layers, [r["rel_err_teacher"] for r in m["per_layer"]], "o-", label="on reference input")
-    ax.plot(layers, [r["rel_err_free"] for r in m["per_layer"]], "s--", label="free-running")
-    ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend()
-    out["error_by_layer"] = _finish(plt, fig, ax, "layer", "relative error of hidden state", "Error by layer")
-
-    if m["per_expert"]:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.scatter([e["frequency"] for e in m["per_expert"]], [e["rel_err"] for e in m["per_expert"]], s=8,
-                   c=[e["layer"] for e in m["per_expert"]], cmap="viridis")  # fmt: skip
-        out["expert_error_vs_frequency"] = _finish(
-            plt,
-            fig,
-            ax,
-            "routing frequency (reference)",
-            "relative weight error",
-            "Routed experts: error against frequency",
-        )
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for r in _component_table(m):
-        if math.isfinite(r["snr_db"]):
-            ax.scatter(r["bits_per_weight"], r["snr_db"], s=40)
-            ax.annotate(r["component"], (r["bits_per_weight"], r["snr_db"]), fontsize=8)
-    out["bpw_vs_error"] = _finish(
-        plt, fig, ax, "bits per weight", "weight SNR (dB)", "Bits per weight against error, by component"
-    )
-    return out
-
-
-def html_report(m: dict, md: str) -> str:
-    imgs = plots(m)
-    body = [f"<pre>{html.escape(terminal_summary(m))}</pre>"]
-    for name, b64 in imgs.items():
-        body.append(
-            f'<h3>{html.escape(name.replace("_", " "))}</h3><img alt="{name}" src="data:image/png;base64,{b64}">'
-        )
-    body.append(f"<h2>Tables</h2><pre>{html.escape(md)}</pre>")
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>k2quant diff</title>"
-            "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}pre{background:#f6f6f6;padding:1em;"
-            "overflow-x:auto}img{max-width:100%}</style></head><body><h1>k2quant diff</h1>" + "".join(body)
-            + "</body></html>\n")  # fmt: skip
-
-
 def write_report(m: dict, out: str | Path) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,6 +110,6 @@ def write_report(m: dict, out: str | Path) -> dict[str, Path]:
     paths = {"metrics": out / "metrics.json", "markdown": out / "report.md", "html": out / "report.html"}
     slim = {k: v for k, v in m.items() if k != "kld_values"}
     paths["metrics"].write_text(json.dumps(slim, indent=2) + "\n")
-    paths["markdown"].write_text(md)
-    paths["html"].write_text(html_report(m, md))
+    paths["markdown"].write_text(md, encoding="utf-8")
+    paths["html"].write_text(html_report(m, _component_table(m)), encoding="utf-8")
     return paths
