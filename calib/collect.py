@@ -13,13 +13,14 @@ statistics only; the layer's output, and so the next layer's input, is unchanged
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from tqdm import tqdm
 
-from k2quant.model import K2Model
+from k2quant.model import Done, ExpertFn, K2Model, Pending, RoutedExperts
 
 
 class LayerSink(Protocol):
@@ -85,6 +86,31 @@ class CalibStats:
         return out
 
 
+class CoverageExperts(RoutedExperts):
+    """Calibration's routed-experts seam: each expert also runs on `extra(layer, scores, ids)[e]`
+    (tokens not routed to it, so observers see more of its inputs; those outputs are dropped),
+    and `done(layer, e)` is called once expert e has seen all of its tokens (streamed GPTQ)."""
+
+    def __init__(self, extra: Callable[[int, torch.Tensor, torch.Tensor], dict[int, torch.Tensor]] | None,
+                 done: Callable[[int, int], None] | None):  # fmt: skip
+        self.extra = extra
+        self.done = done
+
+    def submit(self, layer: int, x: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+               expert: ExpertFn) -> Pending:  # fmt: skip
+        out = torch.zeros_like(x)
+        extra = self.extra(layer, scores, ids) if self.extra is not None else {}
+        for e in sorted(set(torch.unique(ids).tolist()) | set(extra)):
+            tok, slot = torch.where(ids == e)
+            if e in extra:  # seen by observers only: the layer's output does not change
+                expert(e, x[extra[e]])
+            if tok.numel():
+                out.index_add_(0, tok, expert(e, x[tok]) * weights[tok, slot, None].to(x.dtype))
+            if self.done is not None:
+                self.done(layer, e)
+        return Done(out)
+
+
 def collect(
     model: K2Model,
     sequences: torch.Tensor,
@@ -136,8 +162,10 @@ def collect(
             watch = sink is None or layer in sink.layers
             model.observer = observer if watch else None
             model.route_observer = on_route if watch else None
-            model.coverage = coverage if watch and min_expert_tokens > 0 else None
-            model.expert_done = (lambda i, e: sink.expert_done(stats, i, e)) if sink and watch else None
+            model.routed = CoverageExperts(
+                coverage if watch and min_expert_tokens > 0 else None,
+                (lambda i, e: sink.expert_done(stats, i, e)) if sink and watch else None,
+            )
             rerun = sink is not None and sink.propagate and watch
             inputs = list(hs) if rerun else None  # kept only to run the layer again: twice the hidden states
             hs = _layer_forward(model, layer, hs, pos, stats)
@@ -146,11 +174,13 @@ def collect(
             if sink is not None and watch:
                 sink.layer_done(stats, layer)
             if rerun:  # again, with the weights now quantized, observed by no one
-                model.observer = model.route_observer = model.coverage = model.expert_done = None
+                model.observer = model.route_observer = None
+                model.routed = RoutedExperts()
                 hs = _layer_forward(model, layer, inputs, pos, stats)
                 weights.release(f"model.layers.{layer}.")
             del inputs
-    model.observer = model.route_observer = model.coverage = model.expert_done = None
+    model.observer = model.route_observer = None
+    model.routed = RoutedExperts()
     return stats
 
 

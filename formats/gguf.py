@@ -477,6 +477,22 @@ class GGUFCheckpoint:
         raw = torch.from_numpy(np.array(data, copy=True).view(np.uint8).reshape(rows, -1))  # mmap is read-only
         return ggml.dequantize(raw, tname, ncols).reshape(shape)
 
+    def stored(self, name: str):
+        """The tensor in stored form: ggml rows (`ggml:<TYPE>`, decoded by quant/forms.py); kv_b, which
+        llama.cpp stores as two per-head tensors, joined and decoded (`dense`)."""
+        from k2quant.checkpoint import StoredWeight
+
+        ti = self.info(name)
+        if ti.part == "kv_b":
+            return StoredWeight(name, "dense", ti.shape, {"weight": self.tensor(name)})
+        t = self.by_gguf[ti.gguf_name]
+        data = np.asarray(t.data)
+        if ti.part == "expert":
+            data = data[ti.expert]
+        rows = math.prod(ti.shape[:-1])
+        raw = torch.from_numpy(np.array(data, copy=True).view(np.uint8).reshape(rows, -1))  # mmap is read-only
+        return StoredWeight(name, f"ggml:{ti.type}", ti.shape, {"data": raw})
+
     def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         ti = self.info(name)
         if ti.part == "kv_b":

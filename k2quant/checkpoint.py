@@ -28,8 +28,8 @@ from k2quant.formats.safetensors_file import SafetensorsFile, TensorInfo, map_te
 from .config import K2Config
 from .errors import CheckpointError
 from .names import expected_shapes, parse_name
-from .quant.fp8 import dequantize_fp8_block, scale_shape
-from .quant.int4 import dequantize_int4
+from .quant.forms import form
+from .quant.fp8 import scale_shape
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -46,7 +46,7 @@ class LogicalTensor:
     """A logical tensor and where its stored parts live (no data loaded)."""
 
     name: str
-    format: str  # "dense" | "fp8_block" | "fp8_scaled" | "int4_pack"
+    format: str  # a stored form (quant/forms.py): "dense" | "fp8_block" | "fp8_scaled" | "int4_pack"
     parts: dict[str, TensorInfo]  # part suffix ("weight", "weight_scale_inv", ...) -> location
     shape: tuple[int, ...]  # logical shape; for int4 checked against weight_shape on load
     shard: int  # index of the first shard holding a part, for shard-order iteration
@@ -75,7 +75,7 @@ class LogicalTensor:
 
 @dataclass
 class StoredWeight:
-    """A logical tensor's stored parts, loaded (memory-mapped), and how to dequantize them."""
+    """A logical tensor's stored parts, loaded (memory-mapped), decoded by its stored form (quant/forms.py)."""
 
     name: str
     format: str
@@ -84,41 +84,18 @@ class StoredWeight:
     block: tuple[int, int] | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        p = self.parts
-        if self.format == "dense":
-            return p[next(iter(p))].to(dtype)
-        if self.format == "fp8_block":
-            return dequantize_fp8_block(p["weight"], p["weight_scale_inv"], self.block).to(dtype)
-        if self.format == "fp8_scaled":
-            s = p["weight_scale"]
-            if self.block is not None:
-                return dequantize_fp8_block(p["weight"], s, self.block).to(dtype)
-            return (p["weight"].to(torch.float32) * s.to(torch.float32)).to(dtype)  # channel / tensor scales
-        if self.format == "int4_pack":
-            w = dequantize_int4(p["weight_packed"], p["weight_scale"], self.shape, p.get("weight_zero_point"))
-            return w.to(dtype)
-        raise AssertionError(self.format)
+        return form(self.format).dequantize(self.parts, self.shape, self.block).to(dtype)
 
     def rows(self, r0: int, r1: int) -> StoredWeight:
         """Rows r0:r1 of a 2-D weight in stored form (r0 a multiple of 128: FP8 blocks and packed zero points)."""
         if r0 % 128:
             raise ValueError(f"{self.name}: row slices start at multiples of 128, got {r0}")
-        p = dict(self.parts)
-        for k in ("weight", "weight_packed"):
-            if k in p:
-                p[k] = p[k][r0:r1]
-        for k in ("weight_scale_inv", "weight_scale"):
-            s = p.get(k)
-            if s is None or s.dim() < 2:
-                continue
-            if self.format == "int4_pack" or (self.block is None and s.shape[0] == self.shape[0]):
-                p[k] = s[r0:r1]  # per-row (group or channel) scales
-            elif self.block is not None:
-                p[k] = s[r0 // self.block[0] : -(-r1 // self.block[0])]
-        if "weight_zero_point" in p:
-            p["weight_zero_point"] = p["weight_zero_point"][r0 // 8 : -(-r1 // 8)]
-        p.pop("weight_shape", None)
-        return StoredWeight(self.name, self.format, (r1 - r0, *self.shape[1:]), p, self.block)
+        parts = form(self.format).rows(self.parts, self.shape, self.block, r0, r1)
+        return StoredWeight(self.name, self.format, (r1 - r0, *self.shape[1:]), parts, self.block)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,15 @@ the runner (resident weights, KV cache). Weights come through `Weights`: the for
 for a logical tensor by its checkpoint name and gets a float tensor on the compute device;
 where it came from (BF16, FP8 block, INT4, GGUF, GPU cache or a memory map) is the
 source's business. `Weights.linear` is the one place a source may substitute a
-quantized kernel.
+quantized kernel; `RoutedExperts.submit` (the model's `routed` seam) is where a source runs
+a MoE layer's routed experts elsewhere (another device, a thread pool) and hands back a
+pending result, so the shared expert runs meanwhile.
+
+Attention has two exact forms: expanded (kv_b_proj applied to every cached latent: cheap
+for prefill) and absorbed (q_nope taken through W_kb into the latent space, attention over
+the cached latents and rope keys, the output through W_vb: what decode uses, since its
+cost does not grow with the cache beyond the attention itself). `MLACache` is allocated
+once for a maximum length and written in place; RoPE tables are built once per device.
 
 Semantics follow transformers' DeepseekV3 (which matches DeepSeek's reference code):
 YaRN with mscale on the softmax scale, sigmoid noaux_tc routing where the correction bias
@@ -17,8 +25,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +36,41 @@ from .config import K2Config, RopeConfig
 
 LinearObserver = Callable[[str, torch.Tensor], None]
 RouteObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]  # (expert id, rows [n, H]) -> that expert's MLP output
+
+
+class Pending(Protocol):
+    """A result being computed elsewhere (concurrent.futures.Future has this shape)."""
+
+    def result(self) -> torch.Tensor: ...
+
+
+@dataclass
+class Done:
+    """A result computed already."""
+
+    value: torch.Tensor
+
+    def result(self) -> torch.Tensor:
+        return self.value
+
+
+class RoutedExperts:
+    """The routed-experts seam of a MoE layer: out[n] = sum_k weights[n, k] * expert(ids[n, k], x[n]).
+
+    `submit` gets the flattened tokens x [N, H], the router's scores [N, E], chosen ids and
+    weights [N, k], and `expert`, the model's own MLP for one expert (through `linear`, so
+    observers see its inputs). This default computes now, one expert at a time in id order;
+    a runner returns its own pending result (hot experts on the GPU, cold ones on CPU threads)
+    and calibration its own (extra tokens per expert, a callback when an expert is done)."""
+
+    def submit(self, layer: int, x: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+               expert: ExpertFn) -> Pending:  # fmt: skip
+        out = torch.zeros_like(x)
+        for e in sorted(torch.unique(ids).tolist()):
+            tok, slot = torch.where(ids == e)
+            out.index_add_(0, tok, expert(e, x[tok]) * weights[tok, slot, None].to(x.dtype))
+        return Done(out)
 
 
 # ---------------------------------------------------------------------------- weights
@@ -71,6 +115,10 @@ class Weights:
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """y = x W^T for the linear module `name` (without the `.weight` suffix)."""
         return F.linear(x, self.get(name + ".weight"))
+
+    def embedding(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the embedding table `name`."""
+        return F.embedding(ids, self.get(name))
 
 
 class DictWeights(Weights):
@@ -133,6 +181,29 @@ def rope_cos_sin(cfg: K2Config, positions: torch.Tensor, device: torch.device) -
     return freqs.cos() * scale, freqs.sin() * scale
 
 
+class RopeTable:
+    """cos / sin for positions 0..n-1 on one device, built once and grown (doubling) when a
+    position past the end is asked for; rows are gathered per forward, not recomputed per layer."""
+
+    def __init__(self, cfg: K2Config):
+        self.cfg = cfg
+        self.tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._last: tuple | None = None
+
+    def __call__(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._last is not None and self._last[0] is positions and self._last[1] == device:
+            return self._last[2]  # the layers of one forward share their positions: one gather per forward
+        cos, sin = self.tables.get(device, (None, None))
+        need = int(positions.max()) + 1 if positions.numel() else 1
+        if cos is None or cos.shape[0] < need:
+            n = max(need, 2 * cos.shape[0] if cos is not None else 4096)
+            cos, sin = rope_cos_sin(self.cfg, torch.arange(n), device)
+            self.tables[device] = (cos, sin)
+        out = cos[positions.to(device)], sin[positions.to(device)]
+        self._last = (positions, device, out)
+        return out
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
     """Rotate the last dim of x [..., T, d]. Interleaved: pairs (x0,x1),(x2,x3)... (DeepSeek's layout);
     the result is written de-interleaved, which leaves q.k unchanged since q and k get the same order."""
@@ -146,33 +217,48 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 # ---------------------------------------------------------------------------- cache
-@dataclass
 class MLACache:
-    """KV cache of the compressed latents: per layer the normed kv latent [B, S, kv_lora_rank]
-    and the rotated shared key [B, S, rope_dim]; 576 values per token per layer for K2."""
+    """KV cache of the compressed latents, allocated once for `max_tokens` and written in place:
+    per layer the normed kv latent [B, S, kv_lora_rank] and the rotated shared key [B, S, rope_dim];
+    576 values per token per layer for K2. The model writes a forward's tokens at positions
+    length()..length()+T-1 in every layer, then `advance(T)`; `truncate(n)` rewinds (prefix reuse)."""
 
-    latent: dict[int, torch.Tensor] = field(default_factory=dict)
-    k_rot: dict[int, torch.Tensor] = field(default_factory=dict)
+    def __init__(self, config: K2Config, max_tokens: int, batch: int = 1, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):  # fmt: skip
+        n = config.num_hidden_layers
+        self.max_tokens = max_tokens
+        self.latent = torch.zeros(n, batch, max_tokens, config.kv_lora_rank, device=device, dtype=dtype)
+        self.k_rot = torch.zeros(n, batch, max_tokens, config.qk_rope_head_dim, device=device, dtype=dtype)
+        self._length = 0
 
     def length(self) -> int:
-        return 0 if not self.latent else next(iter(self.latent.values())).shape[1]
+        return self._length
 
     def update(self, layer: int, latent: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer in self.latent:
-            latent = torch.cat([self.latent[layer], latent], dim=1)
-            k_rot = torch.cat([self.k_rot[layer], k_rot], dim=1)
-        self.latent[layer], self.k_rot[layer] = latent, k_rot
-        return latent, k_rot
+        """Write this forward's latents and keys of `layer`; views of everything cached so far, them included."""
+        start, t = self._length, latent.shape[1]
+        if start + t > self.max_tokens:
+            raise ValueError(f"KV cache full: {start} + {t} tokens > max_tokens {self.max_tokens}")
+        self.latent[layer, :, start : start + t] = latent
+        self.k_rot[layer, :, start : start + t] = k_rot
+        return self.latent[layer, :, : start + t], self.k_rot[layer, :, : start + t]
+
+    def advance(self, t: int) -> None:
+        self._length += t
+
+    def truncate(self, n: int) -> None:
+        self._length = min(self._length, n)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.latent, self.k_rot) for t in d.values())
+        """Bytes allocated (the whole preallocated cache)."""
+        return self.latent.nbytes + self.k_rot.nbytes
 
 
 # ---------------------------------------------------------------------------- forward
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    return (weight * h.to(x.dtype)).to(x.dtype)  # a float32 weight (the runner keeps norms f32) keeps x's dtype
 
 
 def route(cfg: K2Config, x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | None):
@@ -207,11 +293,10 @@ class K2Model:
         self.checkpoint = getattr(weights, "checkpoint", None)  # the opened checkpoint, when there is one
         self.observer: LinearObserver | None = None  # sees every linear's input (calibration)
         self.route_observer: RouteObserver | None = None  # sees (layer, scores, ids, weights)
-        # calibration: extra tokens per expert (layer, scores, ids) -> {expert: token indices}; the
-        # experts run on them so observers see their inputs, but their outputs are discarded
-        self.coverage: Callable[[int, torch.Tensor, torch.Tensor], dict[int, torch.Tensor]] | None = None
-        # calibration: (layer, expert) once a routed expert has seen all of its tokens (streamed GPTQ)
-        self.expert_done: Callable[[int, int], None] | None = None
+        self.routed: RoutedExperts = RoutedExperts()  # the routed-experts seam (a runner or calibration sets its own)
+        # attention form: "auto" (absorbed when few new tokens attend to a cache, else expanded), or forced
+        self.mla: str = "auto"
+        self.rope = RopeTable(config)
 
     @property
     def device(self) -> torch.device:
@@ -232,35 +317,54 @@ class K2Model:
         c, w = self.config, self.weights
         p = f"model.layers.{i}.self_attn."
         b, t, _ = x.shape
+        h = c.num_attention_heads
         if c.q_lora_rank is not None:
             q_lat = rms_norm(self.linear(p + "q_a_proj", x), w.get(p + "q_a_layernorm.weight"), c.rms_norm_eps)
             q = self.linear(p + "q_b_proj", q_lat)
         else:
             q = self.linear(p + "q_proj", x)
-        q = q.view(b, t, c.num_attention_heads, c.qk_head_dim).transpose(1, 2)
+        q = q.view(b, t, h, c.qk_head_dim).transpose(1, 2)
         q_nope, q_rot = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
         ckv = self.linear(p + "kv_a_proj_with_mqa", x)
         latent, k_rot = ckv.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         latent = rms_norm(latent, w.get(p + "kv_a_layernorm.weight"), c.rms_norm_eps)
-        cos, sin = rope_cos_sin(c, positions, x.device)
+        cos, sin = self.rope(positions, x.device)
         q_rot = apply_rope(q_rot, cos, sin, c.rope_interleave)
         k_rot = apply_rope(k_rot, cos, sin, c.rope_interleave)
         if cache is not None:
-            latent, k_rot = cache.update(i, latent, k_rot)
+            latent, k_rot = cache.update(i, latent.to(cache.latent.dtype), k_rot.to(cache.k_rot.dtype))
+            latent, k_rot = latent.to(x.dtype), k_rot.to(x.dtype)
         s = latent.shape[1]
-        kv = self.linear(p + "kv_b_proj", latent).view(b, s, c.num_attention_heads, -1).transpose(1, 2)
-        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_rot[:, None].expand(-1, c.num_attention_heads, -1, -1)], dim=-1)
-        qq = torch.cat([q_nope, q_rot], dim=-1)
-        key_pos = torch.arange(s, device=x.device)
-        mask = key_pos[None, :] <= positions.to(x.device)[:, None]
-        out = F.scaled_dot_product_attention(qq, k, v, attn_mask=mask, scale=c.softmax_scale)
-        if self.observer is not None:  # the inputs of llama.cpp's absorbed-MLA matrices, per head [b, H, t, d]
-            self.observer(p + "attn_k_b", q_nope)
-            lat = latent[:, None].expand(-1, c.num_attention_heads, -1, -1)
-            self.observer(p + "attn_v_b", F.scaled_dot_product_attention(qq, k, lat, attn_mask=mask,
-                                                                         scale=c.softmax_scale))  # fmt: skip
-        out = out.transpose(1, 2).reshape(b, t, c.num_attention_heads * c.v_head_dim)
+        # every key up to the query's own position; a lone newest query sees all keys and needs no mask
+        mask = None if t == 1 else torch.arange(s, device=x.device)[None, :] <= positions.to(x.device)[:, None]
+        absorbed = self.mla == "absorbed" or (self.mla == "auto" and cache is not None and t <= 4 and s > t)
+        if absorbed:
+            kv_b = w.get(p + "kv_b_proj.weight").view(h, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+            w_kb, w_vb = kv_b.split([c.qk_nope_head_dim, c.v_head_dim], dim=1)  # [H, nope, L], [H, v, L]
+            # scores = q_nope W_kb latent^T + q_rot k_rot^T: attention in the latent space, then W_vb
+            q_lat = torch.matmul(q_nope, w_kb)  # [b, H, t, L]
+            keys = torch.cat([latent, k_rot], dim=-1)[:, None]  # [b, 1, s, L + rope]
+            o_lat = F.scaled_dot_product_attention(torch.cat([q_lat, q_rot], dim=-1), keys.expand(-1, h, -1, -1),
+                                                   latent[:, None].expand(-1, h, -1, -1), attn_mask=mask,
+                                                   scale=c.softmax_scale)  # fmt: skip
+            out = torch.matmul(o_lat, w_vb.transpose(1, 2))  # [b, H, t, v]
+            if self.observer is not None:
+                self.observer(p + "attn_k_b", q_nope)
+        else:
+            kv = self.linear(p + "kv_b_proj", latent).view(b, s, h, -1).transpose(1, 2)
+            if self.observer is not None:  # the input of llama.cpp's absorbed-MLA attn_k_b, per head [b, H, t, d]
+                self.observer(p + "attn_k_b", q_nope)
+            k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+            k = torch.cat([k_nope, k_rot[:, None].expand(-1, h, -1, -1)], dim=-1)
+            qq = torch.cat([q_nope, q_rot], dim=-1)
+            out = F.scaled_dot_product_attention(qq, k, v, attn_mask=mask, scale=c.softmax_scale)
+            o_lat = None
+            if self.observer is not None:
+                lat = latent[:, None].expand(-1, h, -1, -1)
+                o_lat = F.scaled_dot_product_attention(qq, k, lat, attn_mask=mask, scale=c.softmax_scale)
+        if self.observer is not None:  # the input of attn_v_b: the attention output in latent space
+            self.observer(p + "attn_v_b", o_lat)
+        out = out.transpose(1, 2).reshape(b, t, h * c.v_head_dim)
         return self.linear(p + "o_proj", out)
 
     def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -268,25 +372,13 @@ class K2Model:
         p = f"model.layers.{i}.mlp."
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        bias_name = p + "gate.e_score_correction_bias"
-        scores, ids, weights = route(c, flat, w.get(p + "gate.weight"), w.get(bias_name))
+        scores, ids, weights = route(c, flat, w.get(p + "gate.weight"), w.get(p + "gate.e_score_correction_bias"))
         if self.route_observer is not None:
             self.route_observer(i, scores, ids, weights)
-        out = torch.zeros_like(flat)
-        extra = self.coverage(i, scores, ids) if self.coverage is not None else {}
-        for e in sorted(set(torch.unique(ids).tolist()) | set(extra)):
-            tok, slot = torch.where(ids == e)
-            if e in extra:  # seen by observers only: the layer's output does not change
-                self.mlp(f"{p}experts.{e}.", flat[extra[e]])
-            if tok.numel():
-                y = self.mlp(f"{p}experts.{e}.", flat[tok]) * weights[tok, slot, None].to(flat.dtype)
-                out.index_add_(0, tok, y)
-            if self.expert_done is not None:
-                self.expert_done(i, e)
-        out = out.view(shape)
-        if c.n_shared_experts:
-            out = out + self.mlp(p + "shared_experts.", x)
-        return out
+        pending = self.routed.submit(i, flat, scores, ids, weights, lambda e, rows: self.mlp(f"{p}experts.{e}.", rows))
+        shared = self.mlp(p + "shared_experts.", x) if c.n_shared_experts else None  # runs while the experts do
+        out = pending.result().view(shape)
+        return out if shared is None else out + shared
 
     def layer(self, i: int, h: torch.Tensor, positions: torch.Tensor, cache: MLACache | None = None) -> torch.Tensor:
         return self.ffn_block(i, self.attention_block(i, h, positions, cache))
@@ -306,7 +398,7 @@ class K2Model:
         return h + (self.moe(i, x) if c.is_moe(i) else self.mlp(p + "mlp.", x))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids.to(self.device), self.weights.get("model.embed_tokens.weight"))
+        return self.weights.embedding("model.embed_tokens.weight", input_ids.to(self.device))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         h = rms_norm(h, self.weights.get("model.norm.weight"), self.config.rms_norm_eps)
@@ -318,10 +410,12 @@ class K2Model:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
         past = cache.length() if cache is not None else 0
-        positions = torch.arange(past, past + input_ids.shape[1])
+        positions = torch.arange(past, past + input_ids.shape[1], device=self.device)
         h = self.embed(input_ids)
         for i in range(self.config.num_hidden_layers):
             h = self.layer(i, h, positions, cache)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
         return self.head(h)
 
     @torch.no_grad()
@@ -346,8 +440,9 @@ def open_model(
 
 @torch.no_grad()
 def generate(model: K2Model, prompt: list[int], max_new_tokens: int, stop: tuple[int, ...] = ()) -> list[int]:
-    """Greedy decoding with the compressed-latent KV cache; returns the new token ids."""
-    cache = MLACache()
+    """Greedy decoding with the compressed-latent KV cache; returns the new token ids. The naive
+    reference the runner's engine is tested against."""
+    cache = MLACache(model.config, len(prompt) + max_new_tokens, device=model.device, dtype=model.weights.dtype)
     logits = model.forward(torch.tensor([prompt], dtype=torch.long), cache)
     out: list[int] = []
     for _ in range(max_new_tokens):

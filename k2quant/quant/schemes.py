@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .fp8 import DEFAULT_BLOCK, dequantize_fp8_block, quantize_fp8_block, scale_shape
+from .forms import form
+from .fp8 import DEFAULT_BLOCK, quantize_fp8_block, scale_shape
 from .gptq import gptq_int4
-from .int4 import dequantize_int4, pack_int4, pack_zero_point, quantize_int4
+from .int4 import pack_int4, pack_zero_point, quantize_int4
 
 _INT4 = re.compile(r"^int4-g(32|64|128)(-asym|-r7)?$")
 
@@ -97,12 +98,13 @@ class Scheme:
             return {"weight": w.to(torch.bfloat16).contiguous()}
         raise ValueError("keep is not a quantizer")
 
+    @property
+    def form(self) -> str:
+        """The stored form (quant/forms.py) of what `quantize` returns."""
+        return {"int4": "int4_pack", "fp8": "fp8_scaled"}.get(self.kind, "dense")
+
     def dequantize(self, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-        if self.kind == "int4":
-            return dequantize_int4(parts["weight_packed"], parts["weight_scale"], shape, parts.get("weight_zero_point"))
-        if self.kind == "fp8":
-            return dequantize_fp8_block(parts["weight"], parts["weight_scale"])
-        return parts["weight"].to(torch.float32)
+        return form(self.form).dequantize(parts, shape, DEFAULT_BLOCK if self.kind == "fp8" else None)
 
     def layout(self, shape: tuple[int, int]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         """The stored parts `quantize` returns for a weight of `shape`: (suffix, dtype, shape), in file order."""
