@@ -290,5 +290,97 @@ def inspect(path: str, as_json: bool) -> None:
     click.echo(json.dumps(info, indent=2) if as_json else format_inspect(info))
 
 
+@main.command()
+@click.argument("model", type=click.Path(exists=True))
+@click.option("-p", "--prompt", help="Prompt text (sent as one user turn in K2's chat format unless --raw).")
+@click.option(
+    "-f", "--file", "prompt_file", type=click.Path(exists=True, dir_okay=False), help="Read the prompt from a file."
+)
+@click.option("--chat", is_flag=True, help="Interactive multi-turn chat; history stays in the KV cache.")
+@click.option("--system", help="System prompt (default: K2's own).")
+@click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat format.")
+@click.option("--max-tokens", type=int, help="Most tokens to generate (default: until a stop or the context's end).")
+@click.option(
+    "--temperature", type=float, help="Sampling temperature; 0 is greedy (default: generation_config.json's, else 0.6)."
+)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0: off.")
+@click.option("--min-p", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, help="Sampling seed (the same seed gives the same text).")
+@click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Default: cuda when a GPU is present, else cpu.")
+@click.option(
+    "--gpu-memory", help="VRAM the runner may use (20G = 20e9 bytes, 20GiB = 20 x 2^30); default: free VRAM - 1.5 GiB."
+)
+@click.option(
+    "--hotness",
+    type=click.Path(exists=True, dir_okay=False),
+    help="calibrate's hotness.json: hottest experts start on the GPU.",
+)
+@click.option("--static", is_flag=True, help="Keep the initial expert placement (no promotion / eviction).")
+@click.option("--threads", type=int, help="CPU threads for experts (default: all cores).")
+@click.option("--ctx", type=int, default=4096, show_default=True, help="Context length (KV cache tokens).")
+@click.option(
+    "--mode",
+    type=click.Choice(["fast", "exact"]),
+    default="fast",
+    show_default=True,
+    help="fast: bf16 and packed kernels; exact: float32, weights decoded as open_model decodes them.",
+)
+@click.option("--hide-thinking", is_flag=True, help="Do not show text between <think> and </think>.")
+@click.option("--ram-bandwidth", help="RAM read bandwidth for the bound, e.g. 60G (bytes/s); default: measured once.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, statistics).")
+def run(model, prompt, prompt_file, chat, system, raw, max_tokens, temperature, top_p, top_k, min_p, seed, stop,
+        device, gpu_memory, hotness, static, threads, ctx, mode, hide_thinking, ram_bandwidth, as_json):  # fmt: skip
+    """Generate with MODEL on this machine: GPU plus RAM, or the CPU alone.
+
+    \b
+    Attention, shared experts and the hottest routed experts go on the GPU, the other
+    experts stay in RAM and run on CPU threads; experts this session routes often are
+    promoted into spare VRAM between tokens. Text streams as it is made; statistics
+    (speeds, placement, bytes per token against the bandwidth bound, RSS) follow.
+    \b
+    Examples:
+      k2quant run K2-int4 --gpu-memory 20G --hotness calib/hotness.json --chat
+      k2quant run K2-int4 --device cpu -p "Write a haiku about bandwidth" --max-tokens 64
+      k2quant run K2-int4 -f prompt.txt --temperature 0 --json > out.json
+    """
+    from .runner.console import parse_bytes, run_console
+    from .runner.engine import Sampling
+    from .runner.placement import read_hotness
+    from .runner.runner import Runner, RunOptions
+
+    if sum(bool(x) for x in (prompt, prompt_file, chat)) != 1:
+        raise click.UsageError("give exactly one of -p PROMPT, -f FILE or --chat")
+    if prompt_file:
+        prompt = Path(prompt_file).read_text(encoding="utf-8")
+    hot = None
+    if hotness:
+        try:
+            hot = read_hotness(json.loads(Path(hotness).read_text(encoding="utf-8")))
+        except (ValueError, AttributeError) as e:
+            raise K2QuantError(f"{hotness}: not a hotness.json ({e})") from None
+    opts = RunOptions(
+        device=device,
+        gpu_memory=parse_bytes(gpu_memory, "--gpu-memory") if gpu_memory else None,
+        hotness=hot,
+        threads=threads,
+        ctx=ctx,
+        mode=mode,
+        dynamic=not static,
+        ram_bandwidth=parse_bytes(ram_bandwidth, "--ram-bandwidth") if ram_bandwidth else None,
+    )
+    if threads is not None and threads < 1:
+        raise K2QuantError(f"--threads must be >= 1, got {threads}")
+    runner = Runner(model, opts, progress=not as_json)
+    try:
+        temp = runner.default_temperature if temperature is None else temperature
+        sampling = Sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, max_tokens=max_tokens)
+        sampling.check()
+        run_console(runner, prompt, chat, system, raw, sampling, tuple(stop), hide_thinking, as_json)
+    finally:
+        runner.close()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -12,8 +12,8 @@ import shutil
 import time
 from pathlib import Path
 
-from k2quant.calib.datasets import bundled_texts
-from k2quant.formats.tokenizer import load_tokenizer
+from k2quant.calib.datasets import heldout_text
+from k2quant.formats.tokenizer import render_chat
 
 from . import minik2
 from .calibrate import calibrate
@@ -21,10 +21,12 @@ from .calibrate import format_summary as format_calibration
 from .convert import convert, format_summary
 from .convert_gguf import convert_gguf
 from .inspect import format_inspect, inspect_checkpoint
-from .model import generate, open_model
 from .recipe import build_recipe
 from .report.diff import run_diff
 from .report.render import terminal_summary, write_report
+from .runner.console import answer, format_report, stop_ids
+from .runner.engine import Sampling
+from .runner.runner import Runner, RunOptions
 
 
 def _run_or_reuse(where: Path, done_marker: Path, echo, step) -> None:
@@ -69,10 +71,9 @@ def run(out: str | Path, echo=print) -> dict:
                      imatrix=calib / "imatrix.gguf", name="mini-k2-Q4_K_M")))  # fmt: skip
     gguf_file = gguf_dir / "mini-k2-Q4_K_M.gguf"
 
-    # held-out text: the tail of the bundled prose, which mini-K2 did not train on
+    # held-out text: calib/heldout/, read by neither mini-K2's training nor calibration
     data = out / "heldout.txt"
-    texts = bundled_texts()
-    data.write_text(texts["en_prose.txt"][-3000:] + texts["zh_prose.txt"][-1000:], encoding="utf-8")
+    data.write_text(heldout_text(), encoding="utf-8")
     results = {}
     for step, (name, cand) in enumerate((("fp8", fp8), ("int4", int4), ("gguf-q4_k_m", gguf_file)), start=4):
         echo(f"\n== {step}. k2quant diff: {name} against the BF16 reference (layer-streamed)")
@@ -83,12 +84,21 @@ def run(out: str | Path, echo=print) -> dict:
         results[name] = {k: m[k] for k in ("tokens", "top1_agreement")} | {"mean_kld": m["kld"]["mean"],
                                                                            "ppl_ratio": m["ppl"]["ratio"]}  # fmt: skip
 
-    tok = load_tokenizer(fp8)
-    echo("\n== 7. greedy generation from the INT4 model (KV cache of compressed latents)")
-    model = open_model(int4, resident=True)
-    prompt = "def read_config(path):\n"
-    new = generate(model, tok.encode(prompt), 40, stop=(tok.eos_id,))
-    echo("   " + (prompt + tok.decode(new)).replace("\n", "\n   "))
+    echo("\n== 7. k2quant run: the INT4 model through the runner (packed weights, absorbed MLA, greedy)")
+    runner = Runner(int4, RunOptions(ctx=512), progress=False)
+    generations = {}
+    try:
+        for lang, prompt in (("en", "Write a short note about how a bicycle wheel is trued."),
+                             ("zh", "请用两句话介绍一下你自己。")):  # fmt: skip
+            ids = runner.tokenizer.encode(render_chat([{"role": "user", "content": prompt}]), allow_special=True)
+            turn = answer(runner, ids, Sampling(temperature=0, max_tokens=48, stop_ids=stop_ids(runner.tokenizer)),
+                          (), None, None)  # fmt: skip
+            echo(f"   > {prompt}\n   " + turn.text.replace("\n", "\n   "))
+            report = runner.report()
+            echo("   " + format_report(report).replace("\n", "\n   "))
+            generations[lang] = {"text": turn.text, "decode_tokens_per_s": report["decode_tokens_per_s"]}
+    finally:
+        runner.close()
 
     summary = {
         "fp8": str(fp8),
@@ -100,6 +110,7 @@ def run(out: str | Path, echo=print) -> dict:
         "int4_vs_bf16": results["int4"],
         "gguf": str(gguf_file),
         "gguf_q4_k_m_vs_bf16": results["gguf-q4_k_m"],
+        "runner": generations,
         "seconds": round(time.time() - t0, 1),
     }
     echo("\n== summary\n" + json.dumps(summary, indent=2))

@@ -110,6 +110,10 @@ def test_demo_runs_end_to_end(mini_k2):
     lines: list[str] = []
     summary = run(mini_k2["fp8"].parent.parent, echo=lines.append)
     text = "\n".join(lines)
-    assert "mini-K2: reusing" in text and "routed_experts" in text and "def read_config(path):" in text
+    assert "mini-K2: reusing" in text and "routed_experts" in text and "k2quant run" in text
+    assert set(summary["runner"]) == {"en", "zh"} and all(
+        g["decode_tokens_per_s"] > 0 for g in summary["runner"].values()
+    )
+    assert "bytes read per token" in text and "请用两句话介绍一下你自己" in text
     assert summary["fp8_vs_bf16"]["top1_agreement"] > 0.9 and summary["int4_vs_bf16"]["top1_agreement"] > 0.9
     assert summary["gguf_q4_k_m_vs_bf16"]["top1_agreement"] > 0.85 and "Q4_K" in text

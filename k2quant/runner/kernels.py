@@ -1,0 +1,202 @@
+"""Linear kernels per (stored form, device, mode), over weights that stay in their stored form.
+
+`make_linear(stored, device, mode)` returns a callable `y = x W^T` that holds the packed
+parts on `device` and nothing dequantized between calls. Two modes:
+
+- `exact`: float32 compute with the stored form's own decoding (quant/forms.py, i.e.
+  compressed-tensors' bf16 product for INT4): the same numbers as `open_model`, for checks.
+  Every form, every device: the weight is decoded per call (a transient, dropped after).
+- `fast`: bf16 compute. Kernels by form and device:
+  - `int4_pack` (symmetric, group 32/64/128/256, rows a multiple of 16) on the CPU:
+    torch's `_weight_int4pack_mm_for_cpu` (tinygemm; compressed-tensors' nibbles q + 8 are
+    its unsigned values as they are, zero point 0, the bf16 scales), repacked once at load
+    into torch's ISA-specific layout (never persisted);
+  - `dense` bf16 / f16: F.linear on the stored tensor (no copy);
+  - everything else (FP8 block / scaled, asymmetric INT4, every GGML type, INT4 on CUDA):
+    decoded per call into bf16 (`DequantLinear`), then F.linear.
+
+`fuse_rows` stacks an expert's gate and up projections into one matrix (one kernel call
+instead of two) where their forms allow it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from k2quant.checkpoint import StoredWeight
+from k2quant.quant.forms import form
+from k2quant.quant.int4 import unpack_int4
+
+MODES = ("exact", "fast")
+_INT4PACK_GROUPS = (32, 64, 128, 256)
+
+
+def compute_dtype(mode: str) -> torch.dtype:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    return torch.float32 if mode == "exact" else torch.bfloat16
+
+
+class Linear:
+    """y = x W^T with W held in stored form on `device`; `nbytes` is what it holds there."""
+
+    kernel = ""
+    device: torch.device
+    nbytes: int
+    shape: tuple[int, int]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def to(self, device: torch.device) -> Linear:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _move(parts: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The parts on `device`, as tensors of their own (a memory map's pages are not kept alive)."""
+    out = {}
+    for k, v in parts.items():
+        if k == "weight_shape":
+            continue
+        t = v.to(device)
+        out[k] = t.clone() if t.data_ptr() == v.data_ptr() else t
+    return out
+
+
+class DequantLinear(Linear):
+    """Any stored form: decoded per call into the compute dtype, then F.linear."""
+
+    kernel = "dequantize per call"
+
+    def __init__(self, stored: StoredWeight, device: torch.device, dtype: torch.dtype,
+                 parts: dict[str, torch.Tensor] | None = None):  # fmt: skip
+        self.format, self.block, self.shape = stored.format, stored.block, tuple(stored.shape)
+        self.device, self.dtype = torch.device(device), dtype
+        self.parts = parts if parts is not None else _move(stored.parts, self.device)
+        self.nbytes = sum(t.nbytes for t in self.parts.values())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = form(self.format).dequantize(self.parts, self.shape, self.block).to(self.dtype)
+        return F.linear(x.to(self.dtype), w)
+
+    def to(self, device: torch.device) -> DequantLinear:
+        proxy = StoredWeight("", self.format, self.shape, {}, self.block)
+        return DequantLinear(proxy, device, self.dtype, {k: v.to(device) for k, v in self.parts.items()})
+
+
+class DenseLinear(Linear):
+    """A bf16 / f16 / f32 weight used as stored (computed in the compute dtype)."""
+
+    kernel = "F.linear on the stored tensor"
+
+    def __init__(self, weight: torch.Tensor, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = torch.device(device), dtype
+        self.weight = _move({"weight": weight}, self.device)["weight"]
+        self.shape = tuple(self.weight.shape)
+        self.nbytes = self.weight.nbytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.dtype), self.weight.to(self.dtype))
+
+    def to(self, device: torch.device) -> DenseLinear:
+        return DenseLinear(self.weight, device, self.dtype)
+
+
+class Int4PackCPU(Linear):
+    """compressed-tensors symmetric INT4 through torch's CPU tinygemm (bf16 activations and scales)."""
+
+    kernel = "torch _weight_int4pack_mm_for_cpu"
+
+    def __init__(self, stored: StoredWeight):
+        p = stored.parts
+        n, k = stored.shape
+        scale = p["weight_scale"]
+        self.group = k // scale.shape[1]
+        self.device, self.shape = torch.device("cpu"), (n, k)
+        u = unpack_int4(p["weight_packed"], k).to(torch.int32) + 8  # the nibbles as stored
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+        sz = torch.zeros(scale.shape[1], n, 2, dtype=torch.bfloat16)
+        sz[..., 0] = scale.to(torch.bfloat16).t()
+        self.scale_zeros = sz.contiguous()
+        self.nbytes = self.packed.nbytes + self.scale_zeros.nbytes
+
+    @staticmethod
+    def supports(stored: StoredWeight) -> bool:
+        p = stored.parts
+        if stored.format != "int4_pack" or "weight_zero_point" in p or len(stored.shape) != 2:
+            return False
+        n, k = stored.shape
+        groups = p["weight_scale"].shape[1]
+        return k % groups == 0 and k // groups in _INT4PACK_GROUPS and n % 16 == 0 and k % 2 == 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed,
+                                                        self.group, self.scale_zeros)  # fmt: skip
+        return y.view(*shape[:-1], self.shape[0])
+
+    def to(self, device: torch.device) -> Linear:
+        raise NotImplementedError("torch's int4pack layout is CPU-specific; make the kernel from the stored weight")
+
+
+def make_linear(stored: StoredWeight, device: str | torch.device, mode: str) -> Linear:
+    """The kernel for one stored weight on one device (see the module docstring for the table)."""
+    device = torch.device(device)
+    dtype = compute_dtype(mode)
+    if stored.format == "dense":
+        return DenseLinear(stored.parts[next(iter(stored.parts))], device, dtype)
+    if mode == "fast" and device.type == "cpu" and Int4PackCPU.supports(stored):
+        return Int4PackCPU(stored)
+    return DequantLinear(stored, device, dtype)
+
+
+def fuse_rows(a: StoredWeight, b: StoredWeight) -> StoredWeight | None:
+    """[a; b] stacked by rows in stored form (gate and up of one expert), or None where the forms differ."""
+    if a.format != b.format or a.shape[1:] != b.shape[1:] or a.block != b.block:
+        return None
+    if a.format == "dense" or (a.format == "int4_pack" and "weight_zero_point" not in a.parts):
+        keys = [k for k in a.parts if k != "weight_shape"]
+        if any(a.parts[k].shape[1:] != b.parts[k].shape[1:] or a.parts[k].dtype != b.parts[k].dtype for k in keys):
+            return None
+        parts = {k: torch.cat([a.parts[k], b.parts[k]]) for k in keys}
+        return StoredWeight(f"{a.name}+{b.name}", a.format, (a.shape[0] + b.shape[0], *a.shape[1:]), parts)
+    return None
+
+
+@dataclass
+class ExpertKernels:
+    """One routed (or shared) expert: gate and up (fused where possible), down."""
+
+    gate_up: Linear | None
+    gate: Linear | None
+    up: Linear | None
+    down: Linear
+    width: int  # moe_intermediate_size
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes for k in (self.gate_up, self.gate, self.up, self.down) if k is not None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.down.device
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).split(self.width, dim=-1)
+        else:
+            gate, up = self.gate(x), self.up(x)
+        return self.down(F.silu(gate) * up)
+
+
+def make_expert(gate: StoredWeight, up: StoredWeight, down: StoredWeight, device: str | torch.device,
+                mode: str) -> ExpertKernels:  # fmt: skip
+    fused = fuse_rows(gate, up)
+    if fused is not None:
+        return ExpertKernels(make_linear(fused, device, mode), None, None, make_linear(down, device, mode),
+                             gate.shape[0])  # fmt: skip
+    return ExpertKernels(None, make_linear(gate, device, mode), make_linear(up, device, mode),
+                         make_linear(down, device, mode), gate.shape[0])  # fmt: skip

@@ -1,0 +1,120 @@
+"""Where each weight lives: a pure function of the model's inventory, hotness and a GPU budget.
+
+`place(inventory, config, gpu_budget, hotness)` fills the GPU in a fixed order and leaves
+the rest in RAM:
+
+1. norms, 2. the router (gate weight and correction bias), 3. attention, 4. shared experts,
+5. the dense MLP layers, 6. lm_head; the embedding table stays in RAM (one row per token is
+read); then 7. routed experts by hotness, hottest (layer, expert) first, ties by layer then
+expert id, until the budget is full. A class that does not fit whole is placed tensor by
+tensor in that order, so the budget is never exceeded. Without hotness no routed expert is
+placed (dynamic placement fills the GPU as the session routes).
+
+`bytes_per_token(placement, inventory, config, frequency)` is what one decoded token reads
+from each tier: every dense tensor once (one embedding row), and per MoE layer
+`num_experts_per_tok` experts, weighted by how often each is routed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from k2quant.config import K2Config
+from k2quant.names import parse_name
+
+ORDER = ("norms", "router", "attention", "shared_experts", "dense_mlp", "lm_head")
+
+
+@dataclass
+class Placement:
+    gpu_budget: int
+    gpu: set[str] = field(default_factory=set)  # dense (non-routed) tensor names on the GPU
+    gpu_experts: dict[int, set[int]] = field(default_factory=dict)  # MoE layer -> routed experts on the GPU
+    gpu_bytes: int = 0
+    cpu_bytes: int = 0
+
+    def expert_on_gpu(self, layer: int, expert: int) -> bool:
+        return expert in self.gpu_experts.get(layer, ())
+
+    def summary(self) -> dict:
+        n = sum(len(v) for v in self.gpu_experts.values())
+        return {"gpu_budget": self.gpu_budget, "gpu_bytes": self.gpu_bytes, "cpu_bytes": self.cpu_bytes,
+                "gpu_dense_tensors": len(self.gpu), "gpu_routed_experts": n}  # fmt: skip
+
+
+def tensor_class(name: str) -> str:
+    """One of ORDER, 'embeddings' or 'routed_experts' for a checkpoint tensor name."""
+    ni = parse_name(name)
+    if ni.component == "norms":
+        return "norms"
+    if ni.component == "router":
+        return "router"
+    if ni.component == "embeddings":
+        return "lm_head" if name.startswith("lm_head") else "embeddings"
+    return ni.component  # attention, shared_experts, dense_mlp, routed_experts
+
+
+def expert_bytes(inventory: dict[str, int], layer: int, expert: int) -> int:
+    p = f"model.layers.{layer}.mlp.experts.{expert}."
+    return sum(inventory[p + f"{m}.weight"] for m in ("gate_proj", "up_proj", "down_proj"))
+
+
+def place(inventory: dict[str, int], config: K2Config, gpu_budget: int,
+          hotness: dict[int, list[float]] | None = None) -> Placement:  # fmt: skip
+    """inventory: stored bytes per logical tensor name; hotness: MoE layer -> routing frequency per expert."""
+    pl = Placement(gpu_budget)
+    by_class: dict[str, list[str]] = {}
+    for name in inventory:
+        by_class.setdefault(tensor_class(name), []).append(name)
+    free = gpu_budget
+    for cls in ORDER:
+        for name in by_class.get(cls, []):
+            if inventory[name] <= free:
+                pl.gpu.add(name)
+                free -= inventory[name]
+    if hotness:
+        ranked = sorted(((-f, layer, e) for layer, freqs in hotness.items() for e, f in enumerate(freqs)))
+        for _, layer, e in ranked:
+            nb = expert_bytes(inventory, layer, e)
+            if nb <= free:
+                pl.gpu_experts.setdefault(layer, set()).add(e)
+                free -= nb
+    pl.gpu_bytes = gpu_budget - free
+    pl.cpu_bytes = sum(inventory.values()) - pl.gpu_bytes
+    return pl
+
+
+def bytes_per_token(pl: Placement, inventory: dict[str, int], config: K2Config,
+                    frequency: dict[int, list[float]] | None = None) -> dict[str, float]:  # fmt: skip
+    """Bytes one decoded token reads from each tier ({"gpu": ..., "cpu": ...}).
+
+    frequency: per MoE layer, each expert's share of the layer's routed (token, expert) pairs
+    (sums to 1); uniform when not given."""
+    out = {"gpu": 0.0, "cpu": 0.0}
+    for name, nb in inventory.items():
+        cls = tensor_class(name)
+        if cls == "routed_experts":
+            continue
+        if cls == "embeddings":
+            nb = nb / config.vocab_size  # one row
+        out["gpu" if name in pl.gpu else "cpu"] += nb
+    k, n = config.num_experts_per_tok, config.n_routed_experts
+    for layer in range(config.num_hidden_layers):
+        if not config.is_moe(layer):
+            continue
+        freq = (frequency or {}).get(layer) or [1.0 / n] * n
+        for e, f in enumerate(freq):
+            tier = "gpu" if pl.expert_on_gpu(layer, e) else "cpu"
+            out[tier] += k * f * expert_bytes(inventory, layer, e)
+    return out
+
+
+def read_hotness(data: dict) -> dict[int, list[float]]:
+    """calibrate's hotness.json ({"<layer>": {"frequency": [...], ...}}) as layer -> frequencies."""
+    out = {}
+    for key, entry in data.items():
+        freq = entry.get("frequency") if isinstance(entry, dict) else None
+        if not isinstance(freq, list) or not all(isinstance(v, int | float) for v in freq):
+            raise ValueError(f"hotness layer {key!r}: expected an object with a list of numbers under 'frequency'")
+        out[int(key)] = [float(v) for v in freq]
+    return out
