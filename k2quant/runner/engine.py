@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -72,7 +72,6 @@ class Stats:
     decode_tokens: int = 0
     decode_seconds: float = 0.0
     finish_reason: str = ""  # "stop" | "length"
-    step_seconds: list[float] = field(default_factory=list)
 
     @property
     def prefill_tps(self) -> float:
@@ -149,6 +148,4 @@ class Engine:
             if self.on_step is not None:
                 self.on_step()
             self._sync()
-            dt = time.perf_counter() - t
-            st.decode_seconds += dt
-            st.step_seconds.append(dt)
+            st.decode_seconds += time.perf_counter() - t

@@ -51,9 +51,6 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def to(self, device: torch.device) -> Linear:  # pragma: no cover - interface
-        raise NotImplementedError
-
 
 def _move(parts: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The parts on `device`, as tensors of their own (a memory map's pages are not kept alive)."""
@@ -71,20 +68,15 @@ class DequantLinear(Linear):
 
     kernel = "dequantize per call"
 
-    def __init__(self, stored: StoredWeight, device: torch.device, dtype: torch.dtype,
-                 parts: dict[str, torch.Tensor] | None = None):  # fmt: skip
+    def __init__(self, stored: StoredWeight, device: torch.device, dtype: torch.dtype):
         self.format, self.block, self.shape = stored.format, stored.block, tuple(stored.shape)
         self.device, self.dtype = torch.device(device), dtype
-        self.parts = parts if parts is not None else _move(stored.parts, self.device)
+        self.parts = _move(stored.parts, self.device)
         self.nbytes = sum(t.nbytes for t in self.parts.values())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         w = form(self.format).dequantize(self.parts, self.shape, self.block).to(self.dtype)
         return F.linear(x.to(self.dtype), w)
-
-    def to(self, device: torch.device) -> DequantLinear:
-        proxy = StoredWeight("", self.format, self.shape, {}, self.block)
-        return DequantLinear(proxy, device, self.dtype, {k: v.to(device) for k, v in self.parts.items()})
 
 
 class DenseLinear(Linear):
@@ -100,9 +92,6 @@ class DenseLinear(Linear):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.dtype), self.weight.to(self.dtype))
-
-    def to(self, device: torch.device) -> DenseLinear:
-        return DenseLinear(self.weight, device, self.dtype)
 
 
 class Int4PackCPU(Linear):
@@ -137,9 +126,6 @@ class Int4PackCPU(Linear):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed,
                                                         self.group, self.scale_zeros)  # fmt: skip
         return y.view(*shape[:-1], self.shape[0])
-
-    def to(self, device: torch.device) -> Linear:
-        raise NotImplementedError("torch's int4pack layout is CPU-specific; make the kernel from the stored weight")
 
 
 def make_linear(stored: StoredWeight, device: str | torch.device, mode: str) -> Linear:

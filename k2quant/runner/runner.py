@@ -132,7 +132,8 @@ class Runner:
 
             self.tokenizer = load_tokenizer(tok_dir)
         self.default_temperature = default_temperature(path)
-        self._decode_bytes = {"fast": 0, "slow": 0}
+        self._decode_bytes = {"fast": 0, "slow": 0}  # routed-expert bytes of the last answer's decode steps
+        self._decode_steps = 0
 
     def _on_step(self) -> None:
         self._steps += 1
@@ -161,7 +162,7 @@ class Runner:
     def report(self) -> dict:
         st = self.engine.stats
         dense = self.weights.tier_bytes
-        steps = max(1, getattr(self, "_decode_steps", 0))
+        steps = max(1, self._decode_steps)
         per_token = {"gpu": dense["gpu"] + self._decode_bytes["fast"] / steps,
                      "cpu": dense["cpu"] + self._decode_bytes["slow"] / steps}  # fmt: skip
         predicted = bytes_per_token(self.placement, self.inventory, self.config)
