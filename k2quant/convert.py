@@ -163,10 +163,12 @@ def plan_conversion(ck: Checkpoint, recipe: Recipe, method: str = "mse") -> Plan
                 for suffix, dtype, shape in scheme.layout(lt.shape):
                     pt.outputs.append((f"{mod}.{suffix}", DTYPE_NAMES[dtype], list(shape)))
         else:
-            (suffix, info), = lt.parts.items()  # fmt: skip
-            dtype = info.dtype if action == "copy" else torch.bfloat16
+            dtype = torch.bfloat16  # bf16 from any stored form (an FP8 or INT4 weight is decoded first)
+            if action == "copy":
+                (suffix, info), = lt.parts.items()  # fmt: skip
+                dtype = info.dtype
+                pt.source_parts[name] = suffix
             pt.outputs.append((name, DTYPE_NAMES[dtype], list(lt.shape)))
-            pt.source_parts[name] = suffix
         pt.nbytes = sum(_nbytes(d, s) for _, d, s in pt.outputs)
         schemes[scheme.name] = scheme
         if ni.component in LINEAR_COMPONENTS:

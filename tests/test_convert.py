@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -301,3 +302,16 @@ def test_scheme_layout_is_what_quantize_returns(name):
         assert sorted((k, str(v.dtype), tuple(v.shape)) for k, v in parts.items()) == sorted(
             (k, str(d), s) for k, d, s in scheme.layout(shape)
         )
+
+
+def test_bf16_override_from_an_fp8_source(tiny_fp8_dir, tmp_path):
+    """Attention overridden to bf16 from the FP8 release: decoded, then stored as bf16, and listed as unquantized."""
+    out = tmp_path / "o"
+    _convert(tiny_fp8_dir, out, "k2-int4", overrides=[r"self_attn\.=bf16"])
+    ck = open_checkpoint(out)
+    name = "model.layers.1.self_attn.q_b_proj.weight"
+    assert ck.info(name).format == "dense" and ck.stored(name).parts["weight"].dtype == torch.bfloat16
+    assert torch.equal(ck.tensor(name), open_checkpoint(tiny_fp8_dir).tensor(name).to(torch.bfloat16).float())
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    mod = "model.layers.1.self_attn.q_b_proj"
+    assert any(re.fullmatch(i[3:], mod) if i.startswith("re:") else i == mod for i in ignore), ignore
