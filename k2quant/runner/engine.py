@@ -70,6 +70,7 @@ class Stats:
     cached_tokens: int = 0  # prompt tokens already in the cache (prefix reuse)
     prefill_seconds: float = 0.0
     decode_tokens: int = 0
+    decode_steps: int = 0  # forwards of one new token each (the last token yielded is not run)
     decode_seconds: float = 0.0
     finish_reason: str = ""  # "stop" | "length"
 
@@ -79,7 +80,7 @@ class Stats:
 
     @property
     def decode_tps(self) -> float:
-        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+        return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
 
 
 class Engine:
@@ -149,3 +150,4 @@ class Engine:
                 self.on_step()
             self._sync()
             st.decode_seconds += time.perf_counter() - t
+            st.decode_steps += 1
