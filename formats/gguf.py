@@ -465,17 +465,20 @@ class GGUFCheckpoint:
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.shards)
 
-    def _decode(self, gname: str, index: int | None = None) -> torch.Tensor:
+    def _raw(self, gname: str, index: int | None = None) -> tuple[str, torch.Tensor, tuple[int, ...]]:
+        """(GGML type, uint8 rows of blocks, shape) of a GGUF tensor, or of one expert of a stacked one."""
         t = self.by_gguf[gname]
-        tname = ggml.BY_ID[int(t.tensor_type)].name
         data = np.asarray(t.data)
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # numpy order
         if index is not None:
             data, shape = data[index], shape[1:]
-        ncols = shape[-1]
         rows = math.prod(shape[:-1])
         raw = torch.from_numpy(np.array(data, copy=True).view(np.uint8).reshape(rows, -1))  # mmap is read-only
-        return ggml.dequantize(raw, tname, ncols).reshape(shape)
+        return ggml.BY_ID[int(t.tensor_type)].name, raw, shape
+
+    def _decode(self, gname: str, index: int | None = None) -> torch.Tensor:
+        tname, raw, shape = self._raw(gname, index)
+        return ggml.dequantize(raw, tname, shape[-1]).reshape(shape)
 
     def stored(self, name: str):
         """The tensor in stored form: ggml rows (`ggml:<TYPE>`, decoded by quant/forms.py); kv_b, which
@@ -485,13 +488,8 @@ class GGUFCheckpoint:
         ti = self.info(name)
         if ti.part == "kv_b":
             return StoredWeight(name, "dense", ti.shape, {"weight": self.tensor(name)})
-        t = self.by_gguf[ti.gguf_name]
-        data = np.asarray(t.data)
-        if ti.part == "expert":
-            data = data[ti.expert]
-        rows = math.prod(ti.shape[:-1])
-        raw = torch.from_numpy(np.array(data, copy=True).view(np.uint8).reshape(rows, -1))  # mmap is read-only
-        return StoredWeight(name, f"ggml:{ti.type}", ti.shape, {"data": raw})
+        tname, raw, _ = self._raw(ti.gguf_name, ti.expert if ti.part == "expert" else None)
+        return StoredWeight(name, f"ggml:{tname}", ti.shape, {"data": raw})
 
     def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         ti = self.info(name)

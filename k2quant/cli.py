@@ -370,8 +370,6 @@ def run(model, prompt, prompt_file, chat, system, raw, max_tokens, temperature, 
         dynamic=not static,
         ram_bandwidth=parse_bytes(ram_bandwidth, "--ram-bandwidth") if ram_bandwidth else None,
     )
-    if threads is not None and threads < 1:
-        raise K2QuantError(f"--threads must be >= 1, got {threads}")
     runner = Runner(model, opts, progress=not as_json)
     try:
         temp = runner.default_temperature if temperature is None else temperature

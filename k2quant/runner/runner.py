@@ -82,7 +82,7 @@ class Runner:
         if want == "cuda" and not torch.cuda.is_available():
             raise K2QuantError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
         self.gpu = torch.device("cuda") if want == "cuda" else None
-        self.threads = opts.threads or os.cpu_count() or 1
+        self.threads = opts.threads if opts.threads is not None else (os.cpu_count() or 1)
         if self.threads < 1:
             raise K2QuantError(f"--threads must be >= 1, got {self.threads}")
         self.inventory = {n: ck.info(n).stored_bytes for n in ck.names()}
@@ -124,7 +124,6 @@ class Runner:
         self.model.routed = RunnerExperts(self.store, self.threads)
         self._steps = 0
         self.engine = Engine(self.model, opts.ctx, opts.prefill_chunk, on_step=self._on_step)
-        self.loaded_rss = peak_rss()
         self.tokenizer = None
         tok_dir = self.path if self.path.is_dir() else self.path.parent
         if (tok_dir / "tiktoken.model").exists():

@@ -85,7 +85,7 @@ class ThinkingFilter:
                 break
             out.append(self._show(s[:i]))
             if not self.hide:
-                out.append(self._style(tag, opening=not self.inside))
+                out.append(f"{DIM}{tag}{RESET}" if self.color else tag)
             self.inside = not self.inside
             s = s[i + len(tag) :]
         return "".join(out)
@@ -96,6 +96,3 @@ class ThinkingFilter:
         if self.hide:
             return ""
         return f"{DIM}{s}{RESET}" if self.color else s
-
-    def _style(self, tag: str, opening: bool) -> str:
-        return f"{DIM}{tag}{RESET}" if self.color else tag
