@@ -23,6 +23,7 @@ import torch
 
 from k2quant.config import K2Config
 from k2quant.errors import K2QuantError
+from k2quant.formats.chat import K2_CHAT_TEMPLATE
 from k2quant.quant import ggml
 
 ARCH = "deepseek2"
@@ -61,28 +62,6 @@ _MODULE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$")
 _GGUF = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 _SPLIT_NAME = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
-
-# a K2 chat template llama.cpp recognizes (it looks for "<|im_assistant|>assistant<|im_middle|>"), used
-# when the checkpoint's tokenizer_config.json has none; same format as tokenizer.render_chat
-K2_CHAT_TEMPLATE = (
-    "{%- if tools -%}<|im_system|>tool_declare<|im_middle|>{{ tools | tojson(separators=(',', ':')) }}<|im_end|>"
-    "{%- endif -%}"
-    "{%- if messages|length == 0 or messages[0]['role'] != 'system' -%}"
-    "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>{%- endif -%}"
-    "{%- for m in messages -%}"
-    "{%- if m['role'] == 'system' -%}<|im_system|>{{ m.get('name', 'system') }}<|im_middle|>"
-    "{%- elif m['role'] == 'user' -%}<|im_user|>{{ m.get('name', 'user') }}<|im_middle|>"
-    "{%- elif m['role'] == 'assistant' -%}<|im_assistant|>{{ m.get('name', 'assistant') }}<|im_middle|>"
-    "{%- else -%}<|im_system|>tool<|im_middle|>## Return of {{ m.get('tool_call_id', '') }}\n{%- endif -%}"
-    "{{ m['content'] or '' }}"
-    "{%- if m['role'] == 'assistant' and m.get('tool_calls') -%}<|tool_calls_section_begin|>"
-    "{%- for c in m['tool_calls'] -%}<|tool_call_begin|>{{ c['id'] }}<|tool_call_argument_begin|>"
-    "{%- if c['function']['arguments'] is string -%}{{ c['function']['arguments'] }}"
-    "{%- else -%}{{ c['function']['arguments'] | tojson(separators=(',', ':')) }}{%- endif -%}"
-    "<|tool_call_end|>{%- endfor -%}<|tool_calls_section_end|>{%- endif -%}"
-    "<|im_end|>{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_assistant|>assistant<|im_middle|>{%- endif -%}"
-)
 
 
 class GGUFError(K2QuantError):
@@ -327,6 +306,7 @@ def add_tokenizer(w, tok_dir: str | Path, vocab_size: int) -> None:
     if "<|im_end|>" in specials:
         w.add_eot_token_id(specials["<|im_end|>"])
     w.add_add_bos_token(bool(cfg.get("add_bos_token", False)))
+    # the checkpoint's own template when it has one as a string, else K2's (formats/chat.py)
     template = cfg.get("chat_template")
     w.add_chat_template(template if isinstance(template, str) and template else K2_CHAT_TEMPLATE)
 

@@ -1,4 +1,4 @@
-"""Kimi K2's tokenizer: tiktoken.model ranks, K2's pre-tokenizer, special tokens, chat format.
+"""Kimi K2's tokenizer: tiktoken.model ranks, K2's pre-tokenizer, special tokens (chat format: chat.py).
 
 The same code loads the real K2 tokenizer (163584 ranks + 256 specials) and mini-K2's
 (trained by `train_bpe`). tiktoken does the encoding; the `regex` package is needed only
@@ -17,6 +17,9 @@ from pathlib import Path
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
+
+# K2's chat format lives in chat.py (beside the Jinja template it must agree with); re-exported here
+from k2quant.formats.chat import render_chat as render_chat
 
 # K2's pre-tokenizer: Han runs split apart, letters without Han, digits in threes, ...
 PAT_STR = "|".join(
@@ -118,57 +121,6 @@ def load_tokenizer(path: str | Path) -> K2Tokenizer:
             specials = {tok: i for i, tok in by_id.items()}
     enc = tiktoken.Encoding(name=d.name or "k2", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=specials)
     return K2Tokenizer(enc, num_base)
-
-
-def render_chat(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
-    """K2's chat format: <|im_{role}|>{name}<|im_middle|>{content}<|im_end|>, no newlines between turns.
-
-    Tools are declared in a `tool_declare` system turn (keys deep-sorted, compact JSON); an
-    assistant's tool calls follow its content inside the tool-calls section; tool results
-    are `tool` turns. A default system prompt is inserted when none is given.
-    """
-    out = []
-    if tools:
-        out.append(f"<|im_system|>tool_declare<|im_middle|>{_compact(tools)}<|im_end|>")
-    if not messages or messages[0].get("role") != "system":
-        out.append("<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>")
-    for m in messages:
-        role = m["role"]
-        name = m.get("name", role)
-        content = m.get("content") or ""
-        if role == "system":
-            out.append(f"<|im_system|>{name}<|im_middle|>{content}<|im_end|>")
-        elif role == "user":
-            out.append(f"<|im_user|>{name}<|im_middle|>{content}<|im_end|>")
-        elif role == "assistant":
-            calls = ""
-            if m.get("tool_calls"):
-                parts = []
-                for c in m["tool_calls"]:
-                    args = c["function"]["arguments"]
-                    args = args if isinstance(args, str) else _compact(args)
-                    parts.append(f"<|tool_call_begin|>{c['id']}<|tool_call_argument_begin|>{args}<|tool_call_end|>")
-                calls = "<|tool_calls_section_begin|>" + "".join(parts) + "<|tool_calls_section_end|>"
-            out.append(f"<|im_assistant|>{name}<|im_middle|>{content}{calls}<|im_end|>")
-        elif role == "tool":
-            out.append(f"<|im_system|>tool<|im_middle|>## Return of {m.get('tool_call_id', '')}\n{content}<|im_end|>")
-        else:
-            raise ValueError(f"unknown chat role {role!r}")
-    if add_generation_prompt:
-        out.append("<|im_assistant|>assistant<|im_middle|>")
-    return "".join(out)
-
-
-def _compact(obj) -> str:
-    return json.dumps(_deep_sort(obj), ensure_ascii=False, separators=(",", ":"))
-
-
-def _deep_sort(obj):
-    if isinstance(obj, dict):
-        return {k: _deep_sort(obj[k]) for k in sorted(obj)}
-    if isinstance(obj, list):
-        return [_deep_sort(v) for v in obj]
-    return obj
 
 
 # ---------------------------------------------------------------------------- training

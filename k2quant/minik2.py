@@ -9,7 +9,10 @@ every GGUF k-quant applies; it is trained for a few minutes on real text present
 every machine (the Python standard library's sources) plus the bilingual text bundled
 in k2quant.calib, with the project's own forward.
 
-Everything is seeded and ordered; the same machine gives the same bytes.
+Everything is seeded and ordered; the same machine gives the same bytes. The chat transcripts
+of the training text are rendered in the chat format of the recipe's version (`_chat_v1`), not
+the current one, so that a change of K2's chat format changes no weights; the tokenizer carries
+K2's current chat template (`K2_CHAT_TEMPLATE`), which a reused build is brought up to date with.
 """
 
 from __future__ import annotations
@@ -21,14 +24,15 @@ import os
 import sysconfig
 import time
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from k2quant.calib.datasets import bundled_texts
+from k2quant.formats.chat import K2_CHAT_TEMPLATE
 from k2quant.formats.hf import save_checkpoint, write_json
-from k2quant.formats.tokenizer import K2Tokenizer, load_tokenizer, save_tokenizer, train_bpe
+from k2quant.formats.tokenizer import CONFIG_FILE, K2Tokenizer, load_tokenizer, save_tokenizer, train_bpe
 
 from .config import K2Config
 from .model import DictWeights, K2Model
@@ -94,11 +98,65 @@ def corpus() -> tuple[list[str], list[str]]:
     for i, p in enumerate(files):
         text = p.read_text(encoding="utf-8", errors="replace")
         (heldout if i % TRAIN["heldout_every"] == 0 else train).append(text)
-    for _, text in sorted(bundled_texts().items()):
+    for _, text in sorted(_bundled_texts_v1().items()):
         cut = int(len(text) * 0.9)
         train.extend([text[:cut]] * TRAIN["calib_repeat"])
         heldout.append(text[cut:])
     return train, heldout
+
+
+def _bundled_texts_v1() -> dict[str, str]:
+    """calib.datasets.bundled_texts() as recipe version 1 read it: the .txt files whole, each .jsonl
+    file's transcripts rendered in the chat format of that time and concatenated."""
+    out = {}
+    root = resources.files("k2quant.calib") / "data"
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".txt"):
+            out[entry.name] = entry.read_text(encoding="utf-8")
+        elif entry.name.endswith(".jsonl"):
+            lines = [json.loads(line) for line in entry.read_text(encoding="utf-8").splitlines() if line.strip()]
+            out[entry.name] = "".join(o["text"] if "text" in o else _chat_v1(o["messages"], o.get("tools"))
+                                      for o in lines)  # fmt: skip
+    return out
+
+
+def _chat_v1(messages: list[dict], tools: list[dict] | None) -> str:
+    """The K2 chat format mini-K2's recipe version 1 was trained on (k2quant's render_chat of that time,
+    without generation prompt): no <think></think>, tool JSON compact with keys deep-sorted. Frozen
+    here because the training text, unlike the chat template, decides the weights; a new recipe
+    version may train on the current format (`render_chat`) instead."""
+
+    def compact(obj) -> str:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+    out = []
+    if tools:
+        out.append(f"<|im_system|>tool_declare<|im_middle|>{compact(tools)}<|im_end|>")
+    if not messages or messages[0].get("role") != "system":
+        out.append("<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>")
+    for m in messages:
+        role = m["role"]
+        name = m.get("name", role)
+        content = m.get("content") or ""
+        if role == "system":
+            out.append(f"<|im_system|>{name}<|im_middle|>{content}<|im_end|>")
+        elif role == "user":
+            out.append(f"<|im_user|>{name}<|im_middle|>{content}<|im_end|>")
+        elif role == "assistant":
+            calls = ""
+            if m.get("tool_calls"):
+                parts = []
+                for c in m["tool_calls"]:
+                    args = c["function"]["arguments"]
+                    args = args if isinstance(args, str) else compact(args)
+                    parts.append(f"<|tool_call_begin|>{c['id']}<|tool_call_argument_begin|>{args}<|tool_call_end|>")
+                calls = "<|tool_calls_section_begin|>" + "".join(parts) + "<|tool_calls_section_end|>"
+            out.append(f"<|im_assistant|>{name}<|im_middle|>{content}{calls}<|im_end|>")
+        elif role == "tool":
+            out.append(f"<|im_system|>tool<|im_middle|>## Return of {m.get('tool_call_id', '')}\n{content}<|im_end|>")
+        else:
+            raise ValueError(f"unknown chat role {role!r}")
+    return "".join(out)
 
 
 def token_stream(tok: K2Tokenizer, docs: list[str]) -> torch.Tensor:
@@ -194,6 +252,7 @@ def build(out: str | Path, echo: Callable[[str], None] = print, progress: bool =
         info = json.loads(info_path.read_text())
         if info.get("recipe") == recipe_hash() and (out / "model-fp8" / "model.safetensors.index.json").exists():
             echo(f"mini-K2: reusing {out}")
+            _update_chat_template(out)
             return dict(info, fp8=str(out / "model-fp8"), bf16=str(out / "model-bf16"))
     t0 = time.time()
     torch.manual_seed(TRAIN["seed"])
@@ -210,7 +269,7 @@ def build(out: str | Path, echo: Callable[[str], None] = print, progress: bool =
     ranks = train_bpe(sample, NUM_BASE_TOKENS)
     if len(ranks) != NUM_BASE_TOKENS:
         raise RuntimeError(f"tokenizer training found only {len(ranks)} tokens in {size} characters")
-    save_tokenizer(tok_dir, ranks)
+    save_tokenizer(tok_dir, ranks, chat_template=K2_CHAT_TEMPLATE)
     tok = load_tokenizer(tok_dir)
     echo(f"mini-K2: tokenizer of {tok.vocab_size} tokens trained on {size / 1e6:.1f}M characters")
     train_stream = token_stream(tok, train_docs)
@@ -253,6 +312,26 @@ def build(out: str | Path, echo: Callable[[str], None] = print, progress: bool =
     }
     write_json(info_path, info)
     return info
+
+
+def _update_chat_template(out: Path) -> None:
+    """Give a reused build's tokenizer_config.json files K2's current chat template.
+
+    The template decides no weight (unlike the training text, see `_chat_v1`), so a build whose
+    template is older is brought up to date in place rather than retrained under a new
+    RECIPE_VERSION: each file whose template differs is rewritten (temporary file, then rename)
+    exactly as `save_tokenizer` writes it now, so a reused build and a fresh one are byte-identical."""
+    for d in (out / "tokenizer", out / "model-fp8", out / "model-bf16"):
+        path = d / CONFIG_FILE
+        if not path.is_file():
+            continue
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        if cfg.get("chat_template") == K2_CHAT_TEMPLATE:
+            continue
+        cfg["chat_template"] = K2_CHAT_TEMPLATE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def default_dir() -> Path:

@@ -127,6 +127,27 @@ def _tokenize(path: str, texts: list[str]) -> list[list[int]]:
     return [llm.tokenize(t.encode(), add_bos=False, special=False) for t in texts]
 
 
+def _chat_apply_template(template: str, messages: list[tuple[str, str]], add_assistant: bool) -> str | None:
+    """llama_chat_apply_template: llama.cpp's built-in (non-Jinja) chat formatter, the one it picks by
+    recognizing `template`'s text; None when it recognizes no template it knows."""
+    import llama_cpp
+
+    msgs = (llama_cpp.llama_chat_message * len(messages))()
+    keep = []
+    for i, (role, content) in enumerate(messages):
+        keep += [role.encode(), content.encode()]
+        msgs[i].role, msgs[i].content = keep[-2], keep[-1]
+    size = 4096
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_chat_apply_template(template.encode(), msgs, len(messages), add_assistant, buf, size)
+        if n < 0:
+            return None
+        if n <= size:
+            return buf.raw[:n].decode("utf-8")
+        size = n
+
+
 def _extra_bufts_default() -> bool:
     """What llama-cpp-python's model params say about extra buffer types here (False in a child)."""
     import llama_cpp.llama_cpp as lc
@@ -189,6 +210,13 @@ def llama_logits(path: Path, tokens: list[int], n_ctx: int, beta_fast: float, be
 def llama_tokenize(path: Path, texts: list[str]) -> list[list[int]]:
     """llama.cpp's tokenization (no BOS, no special-token parsing) of each text with the GGUF's vocabulary."""
     return in_child("_tokenize", str(path), list(texts))
+
+
+def llama_chat_format(template: str, messages: list[tuple[str, str]], add_assistant: bool = True) -> str | None:
+    """The prompt llama.cpp's built-in chat formatter makes of (role, content) `messages` for a model
+    whose GGUF carries `template` (it detects the model family from the template's text); None if it
+    recognizes none."""
+    return in_child("_chat_apply_template", template, [(r, c) for r, c in messages], add_assistant, timeout=120)
 
 
 def llama_source(root: Path) -> Path:
