@@ -290,6 +290,62 @@ def inspect(path: str, as_json: bool) -> None:
     click.echo(json.dumps(info, indent=2) if as_json else format_inspect(info))
 
 
+def runner_options(f):
+    """The options that place and load a model for generation (`run` and `serve`)."""
+    opts = [
+        click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Default: cuda when a GPU is present."),
+        click.option(
+            "--gpu-memory",
+            help="VRAM the runner may use (20G = 20e9 bytes, 20GiB = 20 x 2^30); default: free VRAM - 1.5 GiB.",
+        ),  # fmt: skip
+        click.option(
+            "--hotness",
+            type=click.Path(exists=True, dir_okay=False),
+            help="calibrate's hotness.json: hottest experts start on the GPU.",
+        ),  # fmt: skip
+        click.option("--static", is_flag=True, help="Keep the initial expert placement (no promotion / eviction)."),
+        click.option("--threads", type=int, help="CPU threads for experts (default: all cores)."),
+        click.option("--ctx", type=int, default=4096, show_default=True, help="Context length (KV cache tokens)."),
+        click.option(
+            "--mode",
+            type=click.Choice(["fast", "exact"]),
+            default="fast",
+            show_default=True,
+            help="fast: bf16 and packed kernels; exact: float32, weights decoded as open_model decodes them.",
+        ),  # fmt: skip
+        click.option(
+            "--ram-bandwidth", help="RAM read bandwidth for the bound, e.g. 60G (bytes/s); default: measured once."
+        ),  # fmt: skip
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _run_options(device, gpu_memory, hotness, static, threads, ctx, mode, ram_bandwidth, prefix_cache=1):
+    from .runner.console import parse_bytes
+    from .runner.placement import read_hotness
+    from .runner.runner import RunOptions
+
+    hot = None
+    if hotness:
+        try:
+            hot = read_hotness(json.loads(Path(hotness).read_text(encoding="utf-8")))
+        except (ValueError, AttributeError) as e:
+            raise K2QuantError(f"{hotness}: not a hotness.json ({e})") from None
+    return RunOptions(
+        device=device,
+        gpu_memory=parse_bytes(gpu_memory, "--gpu-memory") if gpu_memory else None,
+        hotness=hot,
+        threads=threads,
+        ctx=ctx,
+        mode=mode,
+        dynamic=not static,
+        ram_bandwidth=parse_bytes(ram_bandwidth, "--ram-bandwidth") if ram_bandwidth else None,
+        prefix_cache=prefix_cache,
+    )
+
+
 @main.command()
 @click.argument("model", type=click.Path(exists=True))
 @click.option("-p", "--prompt", help="Prompt text (sent as one user turn in K2's chat format unless --raw).")
@@ -308,30 +364,11 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("--min-p", type=float, default=0.0, show_default=True)
 @click.option("--seed", type=int, help="Sampling seed (the same seed gives the same text).")
 @click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
-@click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Default: cuda when a GPU is present, else cpu.")
-@click.option(
-    "--gpu-memory", help="VRAM the runner may use (20G = 20e9 bytes, 20GiB = 20 x 2^30); default: free VRAM - 1.5 GiB."
-)
-@click.option(
-    "--hotness",
-    type=click.Path(exists=True, dir_okay=False),
-    help="calibrate's hotness.json: hottest experts start on the GPU.",
-)
-@click.option("--static", is_flag=True, help="Keep the initial expert placement (no promotion / eviction).")
-@click.option("--threads", type=int, help="CPU threads for experts (default: all cores).")
-@click.option("--ctx", type=int, default=4096, show_default=True, help="Context length (KV cache tokens).")
-@click.option(
-    "--mode",
-    type=click.Choice(["fast", "exact"]),
-    default="fast",
-    show_default=True,
-    help="fast: bf16 and packed kernels; exact: float32, weights decoded as open_model decodes them.",
-)
+@runner_options
 @click.option("--hide-thinking", is_flag=True, help="Do not show text between <think> and </think>.")
-@click.option("--ram-bandwidth", help="RAM read bandwidth for the bound, e.g. 60G (bytes/s); default: measured once.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text, token ids, statistics).")
 def run(model, prompt, prompt_file, chat, system, raw, max_tokens, temperature, top_p, top_k, min_p, seed, stop,
-        device, gpu_memory, hotness, static, threads, ctx, mode, hide_thinking, ram_bandwidth, as_json):  # fmt: skip
+        device, gpu_memory, hotness, static, threads, ctx, mode, ram_bandwidth, hide_thinking, as_json):  # fmt: skip
     """Generate with MODEL on this machine: GPU plus RAM, or the CPU alone.
 
     \b
@@ -345,31 +382,15 @@ def run(model, prompt, prompt_file, chat, system, raw, max_tokens, temperature, 
       k2quant run K2-int4 --device cpu -p "Write a haiku about bandwidth" --max-tokens 64
       k2quant run K2-int4 -f prompt.txt --temperature 0 --json > out.json
     """
-    from .runner.console import parse_bytes, run_console
+    from .runner.console import run_console
     from .runner.engine import Sampling
-    from .runner.placement import read_hotness
-    from .runner.runner import Runner, RunOptions
+    from .runner.runner import Runner
 
     if sum(bool(x) for x in (prompt, prompt_file, chat)) != 1:
         raise click.UsageError("give exactly one of -p PROMPT, -f FILE or --chat")
     if prompt_file:
         prompt = Path(prompt_file).read_text(encoding="utf-8")
-    hot = None
-    if hotness:
-        try:
-            hot = read_hotness(json.loads(Path(hotness).read_text(encoding="utf-8")))
-        except (ValueError, AttributeError) as e:
-            raise K2QuantError(f"{hotness}: not a hotness.json ({e})") from None
-    opts = RunOptions(
-        device=device,
-        gpu_memory=parse_bytes(gpu_memory, "--gpu-memory") if gpu_memory else None,
-        hotness=hot,
-        threads=threads,
-        ctx=ctx,
-        mode=mode,
-        dynamic=not static,
-        ram_bandwidth=parse_bytes(ram_bandwidth, "--ram-bandwidth") if ram_bandwidth else None,
-    )
+    opts = _run_options(device, gpu_memory, hotness, static, threads, ctx, mode, ram_bandwidth)
     runner = Runner(model, opts, progress=not as_json)
     try:
         temp = runner.default_temperature if temperature is None else temperature
@@ -378,6 +399,71 @@ def run(model, prompt, prompt_file, chat, system, raw, max_tokens, temperature, 
         run_console(runner, prompt, chat, system, raw, sampling, tuple(stop), hide_thinking, as_json)
     finally:
         runner.close()
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True))
+@runner_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port (0: a free one, printed).")
+@click.option("--api-key", envvar="K2QUANT_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' (prefer the environment variable: "
+              "it is not in the process list).")  # fmt: skip
+@click.option("--model-name", help="The model id clients send (default: the model directory's name).")
+@click.option("--max-queue", type=int, default=64, show_default=True,
+              help="Requests that may wait behind the running one; more get 503 with Retry-After.")  # fmt: skip
+@click.option("--max-body", default="4MiB", show_default=True, help="Largest request body (larger: 413).")
+@click.option("--prefix-cache", type=int, default=4, show_default=True,
+              help="KV caches of this many recent conversations kept for prefix reuse (each of --ctx).")  # fmt: skip
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)  # fmt: skip
+def serve(model, device, gpu_memory, hotness, static, threads, ctx, mode, ram_bandwidth, host, port, api_key,
+          model_name, max_queue, max_body, prefix_cache, log_level):  # fmt: skip
+    """Serve MODEL over an OpenAI-compatible HTTP API, with K2's tool calls.
+
+    \b
+    POST /v1/chat/completions (streaming or not; tools, tool_choice, reasoning_content),
+    POST /v1/completions, GET /v1/models, GET /health. Requests run one at a time in
+    arrival order on the runner (`k2quant run`'s placement and kernels); each reuses the
+    KV cache of the recent conversation it extends. Binds 127.0.0.1 unless --host says
+    otherwise.
+    \b
+    Examples:
+      k2quant serve K2-int4 --gpu-memory 20G --hotness calib/hotness.json --port 8000
+      K2QUANT_API_KEY=secret k2quant serve K2-int4 --host 0.0.0.0
+      curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
+        -d '{"model": "K2-int4", "messages": [{"role": "user", "content": "Hello"}]}'
+    """
+    import logging
+
+    from .formats.chat import ChatTemplate
+    from .runner.console import parse_bytes
+    from .runner.runner import Runner
+    from .runner.server import ServeOptions, bind, create_app, make_server
+
+    if max_queue < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--max-queue")
+    opts = _run_options(device, gpu_memory, hotness, static, threads, ctx, mode, ram_bandwidth, prefix_cache)
+    path = Path(model)
+    name = model_name or (path if path.is_dir() else path.parent).resolve().name
+    sock = bind(host, port)  # before loading: a taken port fails at once
+    runner = Runner(model, opts)
+    try:
+        if runner.tokenizer is None:
+            raise K2QuantError(f"{model}: no tiktoken.model beside the model; k2quant serve needs K2's tokenizer")
+        template = ChatTemplate.load(path if path.is_dir() else path.parent)
+        app = create_app(runner, template, ServeOptions(name, api_key or None, max_queue,
+                                                        parse_bytes(max_body, "--max-body")))  # fmt: skip
+        logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+        h, p = sock.getsockname()[:2]
+        slot = runner.kv_bytes / max(1, prefix_cache) / 2**20
+        key = "API key required" if api_key else "no API key"
+        click.echo(f"k2quant serve: {name} at http://{h}:{p}/v1 ({key}; context {ctx} tokens, prefix cache "
+                   f"{prefix_cache} x {slot:.0f} MiB)", err=True)  # fmt: skip
+        make_server(app, sock, log_level).run(sockets=[sock])
+    finally:
+        runner.close()
+        sock.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from k2quant.calib.datasets import heldout_text
-from k2quant.formats.tokenizer import render_chat
 
 from . import minik2
 from .calibrate import calibrate
@@ -90,7 +89,8 @@ def run(out: str | Path, echo=print) -> dict:
     try:
         for lang, prompt in (("en", "Write a short note about how a bicycle wheel is trued."),
                              ("zh", "请用两句话介绍一下你自己。")):  # fmt: skip
-            ids = runner.tokenizer.encode(render_chat([{"role": "user", "content": prompt}]), allow_special=True)
+            text = runner.template.render([{"role": "user", "content": prompt}])
+            ids = runner.tokenizer.encode(text, allow_special=True)
             turn = answer(runner, ids, Sampling(temperature=0, max_tokens=48, stop_ids=stop_ids(runner.tokenizer)),
                           (), None, None)  # fmt: skip
             echo(f"   > {prompt}\n   " + turn.text.replace("\n", "\n   "))

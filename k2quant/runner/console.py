@@ -1,10 +1,11 @@
 """`k2quant run` in a terminal: one prompt or a chat, text streamed as it is made, statistics after.
 
-A prompt is sent as one user turn in K2's chat format (with `--system`, or K2's default
-system prompt), unless `--raw`. `--chat` keeps the conversation: each turn is the whole
-history rendered again, and the engine reuses the cached prefix, so only the new turn is
-prefilled. Generation stops at `<|im_end|>`, `[EOS]` or `[EOT]`, at a `--stop` string, at
-`--max-tokens` or at the end of the context.
+A prompt is sent as one user turn through the model's own chat template (K2's format when
+it has none; with `--system`, or the template's default system prompt), unless `--raw`.
+`--chat` keeps the conversation: each turn is the whole history rendered again, and the
+engine reuses the cached prefix, so only the new turn is prefilled. Generation stops at
+`<|im_end|>`, `[EOS]` or `[EOT]`, at a `--stop` string, at `--max-tokens` or at the end of
+the context.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from k2quant.errors import K2QuantError
-from k2quant.formats.tokenizer import render_chat
 
 from .engine import Sampling
 from .runner import Runner
@@ -102,8 +102,8 @@ def run_console(runner: Runner, prompt: str | None, chat: bool, system: str | No
     color = sys.stdout.isatty()
     out = (lambda s: (sys.stdout.write(s), sys.stdout.flush())) if not as_json else None  # noqa: E731
     if not chat:
-        text = prompt if raw else render_chat(([{"role": "system", "content": system}] if system else [])
-                                              + [{"role": "user", "content": prompt}])  # fmt: skip
+        text = prompt if raw else runner.template.render(([{"role": "system", "content": system}] if system else [])
+                                                         + [{"role": "user", "content": prompt}])  # fmt: skip
         ids = tok.encode(text, allow_special=not raw)
         turn = answer(runner, ids, sampling, stop, out, ThinkingFilter(hide_thinking, color))
         report = runner.report()
@@ -124,7 +124,7 @@ def run_console(runner: Runner, prompt: str | None, chat: bool, system: str | No
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        ids = tok.encode(render_chat(messages), allow_special=True)
+        ids = tok.encode(runner.template.render(messages), allow_special=True)
         turn = answer(runner, ids, sampling, stop, out or print, ThinkingFilter(hide_thinking, color))
         messages.append({"role": "assistant", "content": turn.text})
         st = runner.engine.stats

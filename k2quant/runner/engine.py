@@ -1,10 +1,12 @@
 """The engine: chunked prefill, decode and sampling, as a generator of token ids.
 
 It knows nothing of text (runner/text.py turns ids into text and handles stop strings).
-It owns one preallocated MLA cache and remembers the token ids the cache holds, so a
-follow-up prompt that starts with them (a chat's next turn, an agent resending its
-conversation) only prefills what is new: `generate` keeps the longest common prefix and
-truncates the rest. Tested against `model.generate`, the naive greedy reference.
+It owns `slots` preallocated MLA caches (one per recent conversation, least recently used
+reused first, each allocated when first needed) and remembers the token ids each holds, so
+a follow-up prompt that starts with them (a chat's next turn, an agent resending its
+conversation) only prefills what is new: `generate` picks the cache with the longest common
+prefix, keeps that prefix and truncates the rest. Tested against `model.generate`, the
+naive greedy reference.
 """
 
 from __future__ import annotations
@@ -83,20 +85,72 @@ class Stats:
         return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
 
 
+@dataclass
+class Slot:
+    """One conversation's KV cache and the token ids it holds."""
+
+    cache: MLACache
+    tokens: list[int]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Engine:
-    """Generation over one K2Model with a cache of `ctx` tokens; `on_step` runs between decode steps
-    (the runner's dynamic expert placement)."""
+    """Generation over one K2Model with caches of `ctx` tokens each (`slots` of them, for prefix reuse
+    across conversations); `on_step` runs between decode steps (the runner's dynamic expert placement)."""
 
     def __init__(self, model: K2Model, ctx: int, prefill_chunk: int = 512, cache_dtype: torch.dtype | None = None,
-                 on_step=None):  # fmt: skip
+                 on_step=None, slots: int = 1):  # fmt: skip
         limit = model.config.max_position_embeddings
         if ctx > limit:
             raise K2QuantError(f"--ctx {ctx} is longer than the model's maximum ({limit} tokens)")
+        if slots < 1:
+            raise K2QuantError(f"--prefix-cache must be >= 1, got {slots}")
         self.model, self.ctx, self.prefill_chunk = model, ctx, prefill_chunk
-        self.cache = MLACache(model.config, ctx, device=model.device, dtype=cache_dtype or model.weights.dtype)
-        self.tokens: list[int] = []  # what the cache holds
+        self.cache_dtype = cache_dtype or model.weights.dtype
+        self.max_slots = slots
+        self.slots: list[Slot] = [self._new_slot()]  # least recently used first
         self.on_step = on_step
         self.stats = Stats()
+
+    def _new_slot(self) -> Slot:
+        return Slot(MLACache(self.model.config, self.ctx, device=self.model.device, dtype=self.cache_dtype), [])
+
+    @property
+    def cache(self) -> MLACache:
+        """The cache of the most recent conversation."""
+        return self.slots[-1].cache
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.slots[-1].tokens
+
+    @tokens.setter
+    def tokens(self, ids: list[int]) -> None:
+        self.slots[-1].tokens = ids
+
+    def cache_bytes(self) -> int:
+        """Bytes of the caches allocated so far (at most `slots` x one cache)."""
+        return sum(s.cache.nbytes() for s in self.slots)
+
+    def _pick(self, prompt: list[int]) -> int:
+        """Move the slot to use for `prompt` to the end (most recent) and return the tokens it keeps."""
+        keeps = [common_prefix(s.tokens, prompt[:-1]) for s in self.slots]  # at least one token runs for logits
+        best = max(range(len(keeps)), key=lambda i: (keeps[i], i))
+        if keeps[best] == 0:
+            if len(self.slots) < self.max_slots:
+                self.slots.append(self._new_slot())
+                return 0
+            best = 0  # the least recently used
+        self.slots.append(self.slots.pop(best))
+        return keeps[best]
 
     def _sync(self) -> None:
         if self.model.device.type == "cuda":
@@ -118,11 +172,7 @@ class Engine:
         if len(prompt) >= self.ctx:
             raise K2QuantError(f"the prompt has {len(prompt)} tokens; the context (--ctx) holds {self.ctx}")
         st = self.stats = Stats(prompt_tokens=len(prompt))
-        keep = 0
-        for a, b in zip(self.tokens, prompt[:-1], strict=False):  # at least one token is run to get logits
-            if a != b:
-                break
-            keep += 1
+        keep = self._pick(prompt)
         self.cache.truncate(keep)
         del self.tokens[keep:]
         st.cached_tokens = keep

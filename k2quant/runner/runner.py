@@ -22,6 +22,7 @@ import torch
 
 from k2quant.checkpoint import open_checkpoint
 from k2quant.errors import K2QuantError
+from k2quant.formats.chat import ChatTemplate
 from k2quant.memory import peak_rss
 from k2quant.model import K2Model
 
@@ -45,6 +46,7 @@ class RunOptions:
     mode: str = "fast"  # "fast" (bf16, packed kernels) | "exact" (float32, the stored forms' own decoding)
     dynamic: bool = True  # promote / evict experts between tokens
     prefill_chunk: int = 512
+    prefix_cache: int = 1  # KV caches of this many recent conversations kept for prefix reuse (serve)
     ram_bandwidth: float | None = None  # bytes/s; None: measured (cached)
 
 
@@ -88,6 +90,7 @@ class Runner:
         self.inventory = {n: ck.info(n).stored_bytes for n in ck.names()}
         elem = 2 if self.gpu is not None or opts.mode == "fast" else 4
         self.kv_bytes = opts.ctx * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * elem
+        self.kv_bytes *= max(1, opts.prefix_cache)  # every slot may be allocated
         budget = 0
         if self.gpu is not None:
             free = torch.cuda.mem_get_info(self.gpu)[0]
@@ -99,7 +102,8 @@ class Runner:
             budget = total - self.kv_bytes - opts.prefill_chunk * WORK_BYTES_PER_TOKEN
             if budget < 0:
                 raise K2QuantError(f"--gpu-memory {total / 2**30:.2f} GiB does not hold the KV cache of --ctx "
-                                   f"{opts.ctx} ({self.kv_bytes / 2**30:.2f} GiB) and the working buffers")  # fmt: skip
+                                   f"{opts.ctx} x {max(1, opts.prefix_cache)} cached conversations "
+                                   f"({self.kv_bytes / 2**30:.2f} GiB) and the working buffers")  # fmt: skip
         self.placement: Placement = place(self.inventory, cfg, budget, opts.hotness)
         experts = sum(nb for n, nb in self.inventory.items() if tensor_class(n) == "routed_experts")
         self.ram_needed = experts + sum(
@@ -123,16 +127,23 @@ class Runner:
         self.model = K2Model(cfg, self.weights)
         self.model.routed = RunnerExperts(self.store, self.threads)
         self._steps = 0
-        self.engine = Engine(self.model, opts.ctx, opts.prefill_chunk, on_step=self._on_step)
+        self.engine = Engine(self.model, opts.ctx, opts.prefill_chunk, on_step=self._on_step, slots=opts.prefix_cache)
         self.tokenizer = None
         tok_dir = self.path if self.path.is_dir() else self.path.parent
         if (tok_dir / "tiktoken.model").exists():
             from k2quant.formats.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(tok_dir)
+        self.template = ChatTemplate.load(tok_dir)  # the model's own chat template (sandboxed), else K2's format
         self.default_temperature = default_temperature(path)
+        self.ctx = opts.ctx
         self._decode_bytes = {"fast": 0, "slow": 0}  # routed-expert bytes of the last answer's decode steps
         self._decode_steps = 0
+
+    @property
+    def stats(self):
+        """The last generation's statistics (the engine's)."""
+        return self.engine.stats
 
     def _on_step(self) -> None:
         self._steps += 1
@@ -181,7 +192,7 @@ class Runner:
             "ram_bandwidth": bw, "ram_bandwidth_source": how,
             "cpu_bound_tokens_per_s": bound_tps,
             "ratio_to_bound": (st.decode_tps / bound_tps) if st.decode_tps and self.gpu is None else None,
-            "peak_rss": peak_rss(), "packed_cpu_bytes": packed_cpu, "kv_cache_bytes": self.engine.cache.nbytes(),
+            "peak_rss": peak_rss(), "packed_cpu_bytes": packed_cpu, "kv_cache_bytes": self.engine.cache_bytes(),
             "vram_peak": torch.cuda.max_memory_allocated(self.gpu) if self.gpu is not None else 0,
         }  # fmt: skip
         return out
