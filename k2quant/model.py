@@ -235,7 +235,8 @@ class MLACache:
         return self._length
 
     def update(self, layer: int, latent: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this forward's latents and keys of `layer`; views of everything cached so far, them included."""
+        """Write this forward's latents and keys of `layer` (cast to the cache's dtype); views of everything
+        cached so far, them included, in the cache's dtype (the absorbed form reads them as they are)."""
         start, t = self._length, latent.shape[1]
         if start + t > self.max_tokens:
             raise ValueError(f"KV cache full: {start} + {t} tokens > max_tokens {self.max_tokens}")
@@ -252,6 +253,70 @@ class MLACache:
     def nbytes(self) -> int:
         """Bytes allocated (the whole preallocated cache)."""
         return self.latent.nbytes + self.k_rot.nbytes
+
+
+# ---------------------------------------------------------------------------- absorbed attention
+# "auto" attention form: absorbed when at most this many new tokens attend to a cache holding earlier
+# ones. bench/attention.py at K2's dimensions, 2 CPU threads, 1024 tokens cached: in bf16 (the
+# runner's fast mode; its kv_b_proj GEMM is slow on an AVX2 CPU) absorbed wins at every t measured
+# (t = 16: 0.33 vs 1.9 s, 64: 0.83 vs 2.0 s, 256: 3.1 vs 4.0 s); in float32 it wins at t = 16
+# (0.21 vs 0.48 s), ties at t = 64 and loses from t = 128-256 (2.6 vs 1.9 s at 256). With nothing
+# cached the two forms are within 10% at every t. 64: absorbed wherever it wins in either dtype.
+ABSORBED_MAX_TOKENS = 64
+SCORE_BLOCK = 1 << 21  # float32 scores per block of latent_attention (8 MiB): bounds its memory at any depth
+CACHE_BLOCK = 4096  # at most this many cache rows per block (a float32 copy of one block stays under 10 MB)
+
+
+def attention_dtype(device: torch.device, cache_dtype: torch.dtype) -> torch.dtype:
+    """The dtype absorbed attention multiplies in: float32 on the CPU, the cache's dtype elsewhere.
+
+    On a CPU without native bf16 matmul (AVX2), torch's bf16 bmm runs far slower than casting a
+    block of a bf16 cache (and W_kb / W_vb) to float32 and multiplying there: 9x at depth 4096, 24x
+    at 16384 (bench/attention.py, its cache-dtype column), and some bf16 layouts (the W_vb product)
+    erratically so, 1 to 500 ms a call. An exact-mode (float32) cache is read without a copy."""
+    return torch.float32 if device.type == "cpu" else cache_dtype
+
+
+def latent_attention(q_lat: torch.Tensor, q_rot: torch.Tensor, latent: torch.Tensor, k_rot: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """MLA attention in the latent space over the cache as stored: o_lat [b, H, t, L] in q_lat's dtype.
+
+    q_lat [b, H, t, L] (q_nope through W_kb) and q_rot [b, H, t, R], both already multiplied by
+    the softmax scale; latent [b, s, L] and k_rot [b, s, R] (s >= 1), the cache's views in any dtype;
+    mask [t, s] bool (True: attend) or None; every query must see key 0 (a causal mask does).
+    o_lat = softmax(q_lat latent^T + q_rot k_rot^T) latent, per head.
+
+    The heads are folded into the query rows ([b, H*t, .]), so each product is one bmm against
+    the un-expanded cache: no concatenation, no per-head copy. The cache is read in blocks of
+    rows, each cast to q_lat's dtype (a view when it already is that dtype, a block-sized copy
+    otherwise), with an online softmax in float32 (running max and sum over the blocks), so
+    memory is bounded by SCORE_BLOCK scores whatever the depth.
+    """
+    b, h, t, width = q_lat.shape
+    s, rows = latent.shape[1], h * t
+    dtype = q_lat.dtype
+    ql, qr = q_lat.reshape(b, rows, width), q_rot.reshape(b, rows, q_rot.shape[-1])
+    step = min(CACHE_BLOCK, max(256, SCORE_BLOCK // (b * rows)))  # at least 256 rows: few blocks at large t
+    for a in range(0, s, step):
+        lat = latent[:, a : a + step].to(dtype)
+        rot = k_rot[:, a : a + step].to(dtype)
+        scores = torch.baddbmm(torch.bmm(qr, rot.transpose(1, 2)), ql, lat.transpose(1, 2)).float()
+        if mask is not None:
+            blocked = scores.view(b, h, t, -1).masked_fill(~mask[:, a : a + step], float("-inf"))
+            scores = blocked.view(b, rows, -1)
+        if a == 0:  # running max, sum of exp(score - max) and sum of exp(score - max) * latent
+            top = scores.amax(-1, keepdim=True)
+            probs = (scores - top).exp_()
+            total = probs.sum(-1, keepdim=True)
+            acc = torch.bmm(probs.to(dtype), lat).float()
+        else:  # a new max rescales what the earlier blocks summed
+            new_top = torch.maximum(top, scores.amax(-1, keepdim=True))
+            probs = (scores - new_top).exp_()
+            rescale = (top - new_top).exp_()
+            total = total * rescale + probs.sum(-1, keepdim=True)
+            acc = acc * rescale + torch.bmm(probs.to(dtype), lat).float()
+            top = new_top
+    return (acc / total).view(b, h, t, width).to(dtype)
 
 
 # ---------------------------------------------------------------------------- forward
@@ -313,6 +378,34 @@ class K2Model:
         up = self.linear(prefix + "up_proj", x)
         return self.linear(prefix + "down_proj", F.silu(gate) * up)
 
+    def use_absorbed(self, t: int, s: int, cache: MLACache | None) -> bool:
+        """Whether `t` new tokens attending to `s` keys take the absorbed form (self.mla decides;
+        "auto": when a cache holds earlier tokens, s > t, and t <= ABSORBED_MAX_TOKENS)."""
+        if self.mla == "auto":
+            return cache is not None and s > t and t <= ABSORBED_MAX_TOKENS
+        return self.mla == "absorbed"
+
+    def absorbed_attention(self, p: str, q_nope: torch.Tensor, q_rot: torch.Tensor, latent: torch.Tensor,
+                           k_rot: torch.Tensor, mask: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Absorbed MLA: (out [b, H, t, v] in q's dtype, o_lat [b, H, t, L], what attn_v_b sees).
+
+        q_nope goes through W_kb per head into the latent space, attention runs over the cached
+        latents and rope keys as stored (latent_attention), the result goes back through W_vb; all
+        three products run in attention_dtype. kv_b_proj is read whole and split into W_kb / W_vb
+        views (cast per call, a transient, where the compute dtype differs from attention_dtype)."""
+        c = self.config
+        h = c.num_attention_heads
+        kv_b = self.weights.get(p + "kv_b_proj.weight").view(h, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+        w_kb, w_vb = kv_b.split([c.qk_nope_head_dim, c.v_head_dim], dim=1)  # [H, nope, L], [H, v, L]
+        core = attention_dtype(q_nope.device, latent.dtype)
+        q_lat = torch.matmul(q_nope.to(core) * c.softmax_scale, w_kb.to(core))  # [b, H, t, L]
+        o_lat = latent_attention(q_lat, q_rot.to(core) * c.softmax_scale, latent, k_rot, mask)
+        out = torch.matmul(o_lat, w_vb.to(core).transpose(1, 2)).to(q_nope.dtype)  # [b, H, t, v]
+        if self.observer is not None:
+            self.observer(p + "attn_k_b", q_nope)
+        return out, o_lat.to(q_nope.dtype)
+
     def attention(self, i: int, x: torch.Tensor, positions: torch.Tensor, cache: MLACache | None) -> torch.Tensor:
         c, w = self.config, self.weights
         p = f"model.layers.{i}.self_attn."
@@ -331,26 +424,15 @@ class K2Model:
         cos, sin = self.rope(positions, x.device)
         q_rot = apply_rope(q_rot, cos, sin, c.rope_interleave)
         k_rot = apply_rope(k_rot, cos, sin, c.rope_interleave)
-        if cache is not None:
-            latent, k_rot = cache.update(i, latent.to(cache.latent.dtype), k_rot.to(cache.k_rot.dtype))
-            latent, k_rot = latent.to(x.dtype), k_rot.to(x.dtype)
+        if cache is not None:  # views of everything cached, in the cache's dtype
+            latent, k_rot = cache.update(i, latent, k_rot)
         s = latent.shape[1]
         # every key up to the query's own position; a lone newest query sees all keys and needs no mask
         mask = None if t == 1 else torch.arange(s, device=x.device)[None, :] <= positions.to(x.device)[:, None]
-        absorbed = self.mla == "absorbed" or (self.mla == "auto" and cache is not None and t <= 4 and s > t)
-        if absorbed:
-            kv_b = w.get(p + "kv_b_proj.weight").view(h, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
-            w_kb, w_vb = kv_b.split([c.qk_nope_head_dim, c.v_head_dim], dim=1)  # [H, nope, L], [H, v, L]
-            # scores = q_nope W_kb latent^T + q_rot k_rot^T: attention in the latent space, then W_vb
-            q_lat = torch.matmul(q_nope, w_kb)  # [b, H, t, L]
-            keys = torch.cat([latent, k_rot], dim=-1)[:, None]  # [b, 1, s, L + rope]
-            o_lat = F.scaled_dot_product_attention(torch.cat([q_lat, q_rot], dim=-1), keys.expand(-1, h, -1, -1),
-                                                   latent[:, None].expand(-1, h, -1, -1), attn_mask=mask,
-                                                   scale=c.softmax_scale)  # fmt: skip
-            out = torch.matmul(o_lat, w_vb.transpose(1, 2))  # [b, H, t, v]
-            if self.observer is not None:
-                self.observer(p + "attn_k_b", q_nope)
+        if self.use_absorbed(t, s, cache):
+            out, o_lat = self.absorbed_attention(p, q_nope, q_rot, latent, k_rot, mask)
         else:
+            latent, k_rot = latent.to(x.dtype), k_rot.to(x.dtype)
             kv = self.linear(p + "kv_b_proj", latent).view(b, s, h, -1).transpose(1, 2)
             if self.observer is not None:  # the input of llama.cpp's absorbed-MLA attn_k_b, per head [b, H, t, d]
                 self.observer(p + "attn_k_b", q_nope)
