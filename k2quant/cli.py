@@ -452,8 +452,9 @@ def serve(model, device, gpu_memory, hotness, static, threads, ctx, mode, ram_ba
         if runner.tokenizer is None:
             raise K2QuantError(f"{model}: no tiktoken.model beside the model; k2quant serve needs K2's tokenizer")
         template = ChatTemplate.load(path if path.is_dir() else path.parent)
+        loopback = host in ("localhost", "::1") or host.startswith("127.")
         app = create_app(runner, template, ServeOptions(name, api_key or None, max_queue,
-                                                        parse_bytes(max_body, "--max-body")))  # fmt: skip
+                                                        parse_bytes(max_body, "--max-body"), loopback))  # fmt: skip
         logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
         h, p = sock.getsockname()[:2]
         slot = runner.kv_bytes / max(1, prefix_cache) / 2**20
@@ -464,6 +465,55 @@ def serve(model, device, gpu_memory, hotness, static, threads, ctx, mode, ram_ba
     finally:
         runner.close()
         sock.close()
+
+
+@main.command("plan")
+@click.argument("model")
+@click.option("--ram", help="RAM to plan for: 256GiB = 256 x 2^30 bytes (a '256 GB' machine), 256G = 256e9; "
+              "default: this machine's.")  # fmt: skip
+@click.option("--vram", help="GPU memory: 24GiB for a 24 GB card; 0 plans for the CPU alone; default: this "
+              "machine's GPU, else 0.")  # fmt: skip
+@click.option("--ctx", type=int, default=32768, show_default=True, help="Context the KV cache must hold (tokens).")
+@click.option("--ram-bandwidth", help="RAM read bandwidth, e.g. 200G (bytes/s); default: measured here with the "
+              "runner's method.")  # fmt: skip
+@click.option("--vram-bandwidth", help="GPU memory bandwidth, e.g. 1008G; default: measured on this machine's GPU, "
+              "else an RTX 4090's 1008 GB/s, marked assumed.")  # fmt: skip
+@click.option("--disk-bandwidth", help="Sequential read bandwidth of the disk the model lives on, e.g. 7G; default: "
+              "measured here (a 512 MiB temporary file in MODEL's directory, else the current one).")  # fmt: skip
+@click.option("--calib", "calib_dir", type=click.Path(exists=True, file_okay=False),
+              help="A k2quant calibrate output: hotness.json places the hottest experts on the GPU and weights bytes "
+              "per token; imatrix.gguf goes to the convert commands.")  # fmt: skip
+@click.option("--target", type=click.Choice(["gguf", "runner"]), help="Plan one target (default: both).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
+def plan_cmd(model, ram, vram, ctx, ram_bandwidth, vram_bandwidth, disk_bandwidth, calib_dir, target, as_json):
+    """Which K2 file fits this machine (or the one given), and how fast it will decode.
+
+    \b
+    MODEL: a checkpoint directory (only headers are read), a config.json alone, or a
+    known name: kimi-k2-instruct, kimi-k2-base, kimi-k2-thinking (their public configs
+    ship with k2quant). For llama.cpp (GGUF mixes) and for k2quant's runner (INT4 with
+    its GPU placement): file size, RAM and VRAM at run time with the KV cache at --ctx,
+    decode tokens/s predicted from the bandwidth model, the best recipe that fits, and
+    the commands. When no GGUF fits in RAM: running one from a memory-mapped NVMe file.
+    \b
+    Examples:
+      k2quant plan kimi-k2-instruct --ram 256GiB --vram 24GiB
+      k2quant plan ./Kimi-K2-Thinking --ram 512GiB --vram 32GiB --target runner --ctx 65536 --json
+      k2quant plan ./Kimi-K2-Instruct/config.json --vram 0 --ram-bandwidth 230G --disk-bandwidth 7G
+      k2quant plan kimi-k2-instruct --ram 768GiB --vram 24GiB --calib calib
+    """
+    from .plan import format_plan, measure_machine, parse_size, resolve_model
+    from .plan import plan as make_plan
+
+    src = resolve_model(model)
+    size = lambda v, opt: parse_size(v, opt) if v is not None else None  # noqa: E731
+    machine = measure_machine(ram=size(ram, "--ram"), vram=size(vram, "--vram"),
+                              ram_bandwidth=size(ram_bandwidth, "--ram-bandwidth"),
+                              vram_bandwidth=size(vram_bandwidth, "--vram-bandwidth"),
+                              disk_bandwidth=size(disk_bandwidth, "--disk-bandwidth"),
+                              disk_dir=src.directory)  # fmt: skip
+    p = make_plan(src, machine, ctx, (target,) if target else ("gguf", "runner"), calib_dir)
+    click.echo(json.dumps(p.to_dict(), indent=2) if as_json else format_plan(p))
 
 
 if __name__ == "__main__":  # pragma: no cover

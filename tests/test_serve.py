@@ -394,3 +394,69 @@ def test_prefix_reuse_stops_where_the_template_drops_old_reasoning(client, tok, 
     keep = next(i for i, (x, y) in enumerate(zip(ids1, ids2, strict=False)) if x != y)
     assert a.usage.prompt_tokens == len(ids1) and b.usage.prompt_tokens == len(ids2)
     assert b.usage.prompt_tokens_details.cached_tokens == keep < len(ids1)
+
+
+def test_non_streaming_disconnect_cancels(tok, template):
+    import socket
+
+    backend, srv = scripted_server(tok, template, ["word " * 400, "short answer"], delay=0.02)
+    with srv as url:
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "go"}]}).encode()
+        s = socket.create_connection((host, int(port)))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)  # fmt: skip
+        while not backend.yielded or backend.yielded[0] < 3:
+            time.sleep(0.01)
+        s.close()
+        t0 = time.monotonic()
+        r = httpx.post(url + "/v1/chat/completions", json=json.loads(body), timeout=30)
+        assert r.json()["choices"][0]["message"]["content"] == "short answer"
+        assert time.monotonic() - t0 < 4
+    assert backend.yielded[0] < 200
+
+
+def test_review_cases(tok, template):
+    """max_queue 0 still runs one request; nulls for optional fields; reserved template kwargs, seeds out of
+    range and foreign Host headers refused; parallel_tool_calls false keeps one call; a cut answer is length."""
+    two = CALL.replace(
+        "<|tool_calls_section_end|>",
+        "<|tool_call_begin|>functions.get_weather:1"
+        '<|tool_call_argument_begin|>{"city": "Rome"}<|tool_call_end|><|tool_calls_section_end|>',
+    )
+    _, srv = scripted_server(tok, template, [two], max_queue=0)
+    with srv as url:
+        base = {"model": NAME, "messages": [{"role": "user", "content": "w?"}], "tools": TOOLS}
+        post = lambda **kw: httpx.post(url + "/v1/chat/completions", json={**base, **kw}, timeout=30)  # noqa: E731
+        r = post(n=None, stream=None, presence_penalty=None, frequency_penalty=None)
+        assert r.status_code == 200 and len(r.json()["choices"][0]["message"]["tool_calls"]) == 2
+        r = post(parallel_tool_calls=False)
+        assert [c["id"] for c in r.json()["choices"][0]["message"]["tool_calls"]] == ["functions.get_weather:0"]
+        stream = httpx.post(url + "/v1/chat/completions", json={**base, "stream": True, "parallel_tool_calls": False})
+        assert "functions.get_weather:1" not in stream.text and "functions.get_weather:0" in stream.text
+        assert stream.headers["cache-control"] == "no-cache"
+        r = post(max_tokens=len(tok.encode(two, allow_special=True)) - 1)
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+        r = post(chat_template_kwargs={"add_generation_prompt": False})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"
+        r = post(seed=2**70)
+        assert r.status_code == 400 and "seed" in r.json()["error"]["message"]
+        r = httpx.get(url + "/v1/models", headers={"host": "evil.example:80"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+
+
+def test_two_conversations_keep_their_caches(client):
+    """Two conversations that share the default system prompt alternate: each continues its own cache
+    (the server's runner keeps 2), instead of one truncating the other to the shared prefix."""
+    a = [{"role": "user", "content": "Tell me about copper."}]
+    b = [{"role": "user", "content": "Tell me about rivers."}]
+    ra = client.chat.completions.create(model=NAME, messages=a, temperature=0, max_tokens=4)
+    rb = client.chat.completions.create(model=NAME, messages=b, temperature=0, max_tokens=4)
+    assert 0 < rb.usage.prompt_tokens_details.cached_tokens < rb.usage.prompt_tokens - 1  # the shared prefix, copied
+    for msgs, first in ((a, ra), (b, rb)):
+        msgs += [
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "More."},
+        ]
+        r = client.chat.completions.create(model=NAME, messages=msgs, temperature=0, max_tokens=4)
+        assert r.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1

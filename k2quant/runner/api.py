@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-FUNCTION_NAME = r"^[A-Za-z0-9_\-.]{1,64}$"  # OpenAI's rule for tool names (dots: K2's ids are functions.NAME:IDX)
+FUNCTION_NAME = r"^[A-Za-z0-9_\-]{1,64}$"  # OpenAI's rule for tool names (no dots: K2's ids are functions.NAME:IDX)
 
 
 class _Request(BaseModel):
@@ -117,18 +117,18 @@ class ResponseFormat(_Request):
 # ---------------------------------------------------------------------------- requests
 class _Sampling(_Request):
     model: str
-    stream: bool = False
+    stream: bool | None = False  # None (JSON null) is the default, as OpenAI's schema allows for every optional field
     stream_options: StreamOptions | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None  # vLLM's extra field; -1 or 0: off
     min_p: Annotated[float, Field(ge=0, lt=1)] | None = None  # vLLM's extra field
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None  # what torch.Generator.manual_seed takes
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
-    n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    n: int | None = 1
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
@@ -139,11 +139,11 @@ class _Sampling(_Request):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) for the first standard field set to a value this server does not support."""
-        if self.n != 1:
+        if self.n not in (None, 1):
             return "n", "only n=1 is supported"
-        if self.presence_penalty != 0:
+        if self.presence_penalty:
             return "presence_penalty", "penalties are not supported (only 0)"
-        if self.frequency_penalty != 0:
+        if self.frequency_penalty:
             return "frequency_penalty", "penalties are not supported (only 0)"
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
@@ -187,7 +187,7 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[list[int], Field(min_length=1)]
-    echo: bool = False
+    echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None

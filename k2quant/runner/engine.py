@@ -91,6 +91,7 @@ class Slot:
 
     cache: MLACache
     tokens: list[int]
+    prompt_len: int = 0  # the last prompt's length: a prompt that keeps all of it continues this conversation
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -141,16 +142,33 @@ class Engine:
         return sum(s.cache.nbytes() for s in self.slots)
 
     def _pick(self, prompt: list[int]) -> int:
-        """Move the slot to use for `prompt` to the end (most recent) and return the tokens it keeps."""
+        """Make the slot for `prompt` the most recent (last) and return how many of its cached tokens it keeps.
+
+        A prompt that starts with a slot's last prompt continues that conversation in its slot (the answer's
+        tail may differ: a template re-renders it). One that shares less (another conversation with the same
+        system prompt and tools, or one whose template rewrote an earlier turn) must not cut that one short: it
+        takes a free slot, or the least recently used other one, and copies the shared prefix into it
+        (a memory copy instead of a prefill). With a single slot the one cache is truncated."""
         keeps = [common_prefix(s.tokens, prompt[:-1]) for s in self.slots]  # at least one token runs for logits
         best = max(range(len(keeps)), key=lambda i: (keeps[i], i))
-        if keeps[best] == 0:
+        keep = keeps[best]
+        target = best
+        if keep < self.slots[best].prompt_len:  # not this conversation continued: keep it for its next turn
             if len(self.slots) < self.max_slots:
                 self.slots.append(self._new_slot())
-                return 0
-            best = 0  # the least recently used
-        self.slots.append(self.slots.pop(best))
-        return keeps[best]
+                target = len(self.slots) - 1
+            elif len(self.slots) > 1:
+                target = next(i for i in range(len(self.slots)) if i != best)  # least recently used other
+        if target != best:
+            src, dst = self.slots[best], self.slots[target]
+            if keep:
+                dst.cache.latent[:, :, :keep].copy_(src.cache.latent[:, :, :keep])
+                dst.cache.k_rot[:, :, :keep].copy_(src.cache.k_rot[:, :, :keep])
+            dst.cache.truncate(0)
+            dst.cache.advance(keep)
+            dst.tokens = src.tokens[:keep]
+        self.slots.append(self.slots.pop(target))
+        return keep
 
     def _sync(self) -> None:
         if self.model.device.type == "cuda":
@@ -173,6 +191,7 @@ class Engine:
             raise K2QuantError(f"the prompt has {len(prompt)} tokens; the context (--ctx) holds {self.ctx}")
         st = self.stats = Stats(prompt_tokens=len(prompt))
         keep = self._pick(prompt)
+        self.slots[-1].prompt_len = len(prompt)
         self.cache.truncate(keep)
         del self.tokens[keep:]
         st.cached_tokens = keep

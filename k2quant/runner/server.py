@@ -52,6 +52,8 @@ from .toolcalls import ARGUMENT_BEGIN, CALL_BEGIN, SECTION_BEGIN, OutputStream, 
 log = logging.getLogger("k2quant.serve")
 STOP_TOKENS = ("<|im_end|>", "[EOS]", "[EOT]")
 DEFAULT_MAX_BODY = 4 << 20  # bytes
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may buffer a stream
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
 
 
 class Backend(Protocol):
@@ -73,6 +75,9 @@ class ServeOptions:
     api_key: str | None = None
     max_queue: int = 64  # requests waiting behind the running one
     max_body: int = DEFAULT_MAX_BODY
+    # bound to a loopback address: only requests whose Host is a loopback name are served, so a web page
+    # cannot reach the server through DNS rebinding (the attack on local model servers without a key)
+    loopback_only: bool = True
 
 
 class APIError(Exception):
@@ -132,15 +137,16 @@ class Worker:
         self.backend, self.max_queue = backend, max_queue
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.lock = threading.Lock()
-        self.waiting = 0
+        self.pending = 0  # queued or running
         self.thread = threading.Thread(target=self._loop, name="k2quant-engine", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> bool:
+        """Queue `job`; False when `max_queue` requests already wait behind a running one."""
         with self.lock:
-            if self.waiting >= self.max_queue:
+            if self.pending > self.max_queue:  # one running + max_queue waiting
                 return False
-            self.waiting += 1
+            self.pending += 1
         self.jobs.put(job)
         return True
 
@@ -153,16 +159,16 @@ class Worker:
             job = self.jobs.get()
             if job is None:
                 return
-            with self.lock:
-                self.waiting -= 1
-            if job.cancelled.is_set():
-                continue
-            job.started = time.monotonic()
             try:
-                job.post(self._run(job))
+                if not job.cancelled.is_set():
+                    job.started = time.monotonic()
+                    job.post(self._run(job))
             except Exception as e:  # noqa: BLE001 - reported to the request, logged with its traceback
                 log.exception("generation failed")
                 job.post(Failed(e))
+            finally:
+                with self.lock:
+                    self.pending -= 1
 
     def _run(self, job: Job) -> Finished:
         b = self.backend
@@ -201,6 +207,7 @@ class Prepared:
     stop: tuple[str, ...]
     tools: bool = False  # parse tool calls
     prefix: str = ""  # forced start of the answer (tool_choice required / named)
+    parallel: bool = True  # parallel_tool_calls (false: the first call only)
     in_reasoning: bool = False  # the prompt opened <think>
 
 
@@ -238,20 +245,26 @@ class Server:
         self.check(req)
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         choice = req.tool_choice
+        kwargs = req.chat_template_kwargs or {}
+        clash = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt"})
+        if clash:
+            raise APIError(400, f"chat_template_kwargs may not set {', '.join(clash)}", "chat_template_kwargs")
         try:
             text = self.template.render([m.for_template() for m in req.messages], tools=tools,
-                                        add_generation_prompt=True, **(req.chat_template_kwargs or {}))  # fmt: skip
+                                        add_generation_prompt=True, **kwargs)  # fmt: skip
         except ChatTemplateError as e:
             raise APIError(400, f"the chat template failed on these messages: {e}", "messages") from None
         prefix = ""
         if tools and choice == "required":
             prefix = SECTION_BEGIN
         elif tools and isinstance(choice, api.NamedToolChoice):
-            prefix = f"{SECTION_BEGIN}{CALL_BEGIN}functions.{choice.function.name}:0{ARGUMENT_BEGIN}"
+            index = sum(len(m.tool_calls or ()) for m in req.messages)  # ids count on over the conversation
+            prefix = f"{SECTION_BEGIN}{CALL_BEGIN}functions.{choice.function.name}:{index}{ARGUMENT_BEGIN}"
         ids = self.backend.tokenizer.encode(text + prefix, allow_special=True)
         self.fit(ids, "messages")
         return Prepared(ids, self.sampling(req, req.token_limit()), req.stop_strings(),
                         tools=bool(tools) and choice != "none", prefix=prefix,
+                        parallel=req.parallel_tool_calls is not False,
                         in_reasoning=text.rstrip().endswith(THINK_OPEN))  # fmt: skip
 
     def prepare_completion(self, req: api.CompletionRequest) -> Prepared:
@@ -281,23 +294,25 @@ class Server:
         return job
 
 
+def host_name(host: str) -> str:
+    """The name part of a Host header ("127.0.0.1:8000" -> "127.0.0.1", "[::1]:8000" -> "[::1]")."""
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def usage(f: Finished) -> api.Usage:
     return api.Usage(prompt_tokens=f.prompt_tokens, completion_tokens=f.completion_tokens,
                      total_tokens=f.prompt_tokens + f.completion_tokens,
                      prompt_tokens_details=api.PromptTokensDetails(cached_tokens=f.cached_tokens))  # fmt: skip
 
 
-async def events(job: Job, request: Request | None) -> AsyncIterator[Piece | Finished]:
-    """The job's events until it finishes; a client gone away cancels it (a non-streaming request is
-    polled with `request`; a stream's task is cancelled by Starlette when its client leaves)."""
+async def events(job: Job) -> AsyncIterator[Piece | Finished]:
+    """The job's events until it finishes; if the consumer stops early (a stream's task is cancelled by
+    Starlette when its client leaves), the job is cancelled."""
     try:
         while True:
-            try:
-                ev = await asyncio.wait_for(job.events.get(), timeout=0.25)
-            except TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    return
-                continue
+            ev = await job.events.get()
             if isinstance(ev, Failed):
                 raise ev.error
             yield ev
@@ -307,15 +322,30 @@ async def events(job: Job, request: Request | None) -> AsyncIterator[Piece | Fin
         job.cancelled.set()  # no-op when finished; stops the generation when the client left
 
 
+async def watch_disconnect(request: Request, job: Job) -> None:
+    """Cancel `job` when the client of a non-streaming request goes away (its body is read already, so
+    the next message from the server is `http.disconnect`)."""
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            job.cancelled.set()
+            job.post(Finished("cancelled", 0, 0, 0))  # wakes collect() if the job never started
+            return
+
+
 async def collect(job: Job, request: Request) -> tuple[str, Finished | None]:
     """A non-streaming answer: all its text and how it finished (None: the client left)."""
     text, fin = "", None
-    async for ev in events(job, request):
-        if isinstance(ev, Piece):
-            text += ev.text
-        else:
-            fin = ev
-    return text, fin
+    watcher = asyncio.create_task(watch_disconnect(request, job))
+    try:
+        async for ev in events(job):
+            if isinstance(ev, Piece):
+                text += ev.text
+            else:
+                fin = ev
+    finally:
+        watcher.cancel()
+    return text, (None if fin is None or fin.reason == "cancelled" else fin)
 
 
 # ---------------------------------------------------------------------------- the app
@@ -332,6 +362,10 @@ def create_app(backend: Backend, template: ChatTemplate, opts: ServeOptions) -> 
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
+        if opts.loopback_only and host_name(request.headers.get("host", "")) not in LOOPBACK_HOSTS:
+            return error_response(403, "this server is bound to a loopback address and serves only requests for "
+                                  "localhost (Host header); bind with --host to serve others", "permission_error",
+                                  None, "host_not_allowed")  # fmt: skip
         if opts.api_key and request.url.path != "/health":
             got = request.headers.get("authorization", "")
             want = f"Bearer {opts.api_key}"
@@ -375,34 +409,35 @@ def create_app(backend: Backend, template: ChatTemplate, opts: ServeOptions) -> 
 
     @app.post("/v1/chat/completions")
     async def chat(req: api.ChatCompletionRequest, request: Request):
-        prep = srv.prepare_chat(req)
+        prep = await asyncio.to_thread(srv.prepare_chat, req)  # template and tokenizer off the event loop
         job = srv.start(prep)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             include = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(chat_stream(job, request, prep, cid, opts.model_name, include),
-                                     media_type="text/event-stream")  # fmt: skip
+                                     media_type="text/event-stream", headers=SSE_HEADERS)  # fmt: skip
         text, fin = await collect(job, request)
         if fin is None:  # the client left
             return JSONResponse({}, status_code=499)
         out = parse(text, in_reasoning=prep.in_reasoning, prefix=prep.prefix, tools=prep.tools)
+        kept = out.tool_calls if prep.parallel else out.tool_calls[:1]
         calls = [api.ToolCallOut(id=c.id, function=api.FunctionCall(name=c.name, arguments=c.arguments))
-                 for c in out.tool_calls] or None  # fmt: skip
+                 for c in kept] or None  # fmt: skip
         msg = api.AssistantMessage(content=out.content if (out.content or not calls) else None,
                                    reasoning_content=out.reasoning or None, tool_calls=calls)  # fmt: skip
-        reason = "tool_calls" if calls else fin.reason
+        reason = finish_reason(fin.reason, bool(calls))
         return api.ChatCompletion(id=cid, model=opts.model_name, usage=usage(fin),
                                   choices=[api.Choice(message=msg, finish_reason=reason)])  # fmt: skip
 
     @app.post("/v1/completions")
     async def completions(req: api.CompletionRequest, request: Request):
-        prep = srv.prepare_completion(req)
+        prep = await asyncio.to_thread(srv.prepare_completion, req)
         job = srv.start(prep)
         cid = f"cmpl-{uuid.uuid4().hex}"
         if req.stream:
             include = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(completion_stream(job, request, cid, opts.model_name, include),
-                                     media_type="text/event-stream")  # fmt: skip
+                                     media_type="text/event-stream", headers=SSE_HEADERS)  # fmt: skip
         text, fin = await collect(job, request)
         if fin is None:
             return JSONResponse({}, status_code=499)
@@ -412,8 +447,14 @@ def create_app(backend: Backend, template: ChatTemplate, opts: ServeOptions) -> 
     return BodyLimit(app, opts.max_body)
 
 
-def _chunk(cid: str, model: str, delta: api.Delta, finish: str | None = None) -> str:
-    return api.ChatCompletionChunk(id=cid, model=model,
+def finish_reason(engine: str, tool_calls: bool) -> str:
+    """OpenAI's finish_reason: "length" when the answer was cut (even after a tool call), "tool_calls" when it
+    ended with calls, else "stop"."""
+    return "length" if engine == "length" else "tool_calls" if tool_calls else "stop"
+
+
+def _chunk(cid: str, model: str, delta: api.Delta, finish: str | None = None, created: int = 0) -> str:
+    return api.ChatCompletionChunk(id=cid, model=model, created=created or int(time.time()),
                                    choices=[api.ChunkChoice(delta=delta, finish_reason=finish)]).sse()  # fmt: skip
 
 
@@ -427,27 +468,30 @@ def _error_event(e: BaseException) -> str:
 async def chat_stream(job: Job, request: Request, prep: Prepared, cid: str, model: str,
                       include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
     parser = OutputStream(in_reasoning=prep.in_reasoning, prefix=prep.prefix, tools=prep.tools)
-    yield _chunk(cid, model, api.Delta(role="assistant", content=""))
+    created = int(time.time())
+    yield _chunk(cid, model, api.Delta(role="assistant", content=""), created=created)
     fin = None
     try:
-        async for ev in events(job, None):
+        async for ev in events(job):
             if isinstance(ev, Finished):
                 fin = ev
                 deltas = parser.finish()
             else:
                 deltas = parser.push(ev.text)
             for d in deltas:
-                yield _chunk(cid, model, _delta(d))
+                if d.tool_call is not None and d.tool_call.index > 0 and not prep.parallel:
+                    continue  # parallel_tool_calls: false keeps the first call
+                yield _chunk(cid, model, _delta(d), created=created)
     except Exception as e:  # noqa: BLE001 - the stream has started: an error event, then the end
         yield _error_event(e)
         yield "data: [DONE]\n\n"
         return
     if fin is None:
         return  # the client left
-    reason = "tool_calls" if parser.tool_calls_emitted else fin.reason
-    yield _chunk(cid, model, api.Delta(), reason)
+    reason = finish_reason(fin.reason, parser.tool_calls_emitted)
+    yield _chunk(cid, model, api.Delta(), reason, created)
     if include_usage:
-        yield api.ChatCompletionChunk(id=cid, model=model, choices=[], usage=usage(fin)).sse()
+        yield api.ChatCompletionChunk(id=cid, model=model, created=created, choices=[], usage=usage(fin)).sse()
     yield "data: [DONE]\n\n"
 
 
@@ -464,24 +508,28 @@ def _delta(d) -> api.Delta:
 
 async def completion_stream(job: Job, request: Request, cid: str, model: str,
                             include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
+    created = int(time.time())
+
+    def chunk(text: str, finish: str | None = None, use: api.Usage | None = None) -> str:
+        choices = [] if use else [api.CompletionChoice(text=text, finish_reason=finish)]
+        return api.Completion(id=cid, model=model, created=created, choices=choices, usage=use).sse()
+
     fin = None
     try:
-        async for ev in events(job, None):
+        async for ev in events(job):
             if isinstance(ev, Finished):
                 fin = ev
             elif ev.text:
-                yield api.Completion(
-                    id=cid, model=model, choices=[api.CompletionChoice(text=ev.text, finish_reason=None)]
-                ).sse()
+                yield chunk(ev.text)
     except Exception as e:  # noqa: BLE001
         yield _error_event(e)
         yield "data: [DONE]\n\n"
         return
     if fin is None:
         return
-    yield api.Completion(id=cid, model=model, choices=[api.CompletionChoice(text="", finish_reason=fin.reason)]).sse()
+    yield chunk("", fin.reason)
     if include_usage:
-        yield api.Completion(id=cid, model=model, choices=[], usage=usage(fin)).sse()
+        yield chunk("", use=usage(fin))
     yield "data: [DONE]\n\n"
 
 
