@@ -176,6 +176,16 @@ def test_engine_greedy_equals_model_generate_and_reuses_the_prefix(tiny_int4):
     r.close()
 
 
+def test_engine_samples_only_the_tokenizers_ids(tiny_int4):
+    """A checkpoint whose embedding is wider than its tokenizer (padded vocabularies) never yields an id the
+    tokenizer cannot decode: the engine samples below Engine.vocab (the runner sets the tokenizer's size)."""
+    r = Runner(tiny_int4["int4"], RunOptions(device="cpu", ctx=256, threads=2), progress=False)
+    r.engine.vocab = 100
+    out = list(r.generate(list(range(1, 30)), Sampling(temperature=2.0, seed=3, max_tokens=64)))
+    assert len(out) == 64 and max(out) < 100
+    r.close()
+
+
 def test_sampling_is_seeded_and_filters():
     logits = torch.tensor([3.0, 2.9, 0.0, -1.0, -5.0])
     draws = [sample(logits, Sampling(temperature=1.0, seed=1), torch.Generator().manual_seed(1)) for _ in range(3)]

@@ -120,6 +120,9 @@ class Engine:
         self.slots: list[Slot] = [self._new_slot()]  # least recently used first
         self.on_step = on_step
         self.stats = Stats()
+        # sample only ids below this: the tokenizer's vocabulary (a checkpoint may pad its embedding past it,
+        # and an id the tokenizer cannot decode must never be drawn); None: every logit
+        self.vocab: int | None = None
 
     def _new_slot(self) -> Slot:
         return Slot(MLACache(self.model.config, self.ctx, device=self.model.device, dtype=self.cache_dtype), [])
@@ -178,7 +181,7 @@ class Engine:
     def _forward(self, ids: list[int]) -> torch.Tensor:
         logits = self.model.forward(torch.tensor([ids], dtype=torch.long), self.cache)
         self.tokens.extend(ids)
-        return logits[0, -1].float()
+        return logits[0, -1, : self.vocab].float()
 
     @torch.no_grad()
     def generate(self, prompt: list[int], sampling: Sampling) -> Iterator[int]:

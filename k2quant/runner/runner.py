@@ -134,6 +134,7 @@ class Runner:
             from k2quant.formats.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(tok_dir)
+            self.engine.vocab = min(self.tokenizer.vocab_size, cfg.vocab_size)
         self.template = ChatTemplate.load(tok_dir)  # the model's own chat template (sandboxed), else K2's format
         self.default_temperature = default_temperature(path)
         self.ctx = opts.ctx
