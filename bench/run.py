@@ -129,6 +129,8 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=4096)
     ap.add_argument("--llama-dir", default="/tmp/k2bench-imatrix/llama.cpp", help="where llama.cpp is built")
     ap.add_argument("--json")
+    ap.add_argument("--llama-from", help="take llama-bench's numbers from this earlier --json output (same weights, "
+                    "same machine) instead of running it again: saves ~15 minutes; printed as reused")  # fmt: skip
     a = ap.parse_args()
     root = Path(a.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -163,9 +165,13 @@ def main() -> None:
     if r.returncode:
         raise SystemExit(f"k2quant run failed:\n{r.stderr[-3000:]}")
     k = json.loads(r.stdout.splitlines()[-1])
-    exe = llama_tool("llama-bench", Path(a.llama_dir))
-    lr = {"repack on": llama_bench(exe, gguf, a.threads, a.depth, True),
-          "repack off (--repack 0)": llama_bench(exe, gguf, a.threads, a.depth, False)}  # fmt: skip
+    if a.llama_from:
+        lr = json.loads(Path(a.llama_from).read_text())["llama.cpp"]
+        print(f"llama.cpp: numbers reused from {a.llama_from} (an earlier run of this bench), not measured now")
+    else:
+        exe = llama_tool("llama-bench", Path(a.llama_dir))
+        lr = {"repack on": llama_bench(exe, gguf, a.threads, a.depth, True),
+              "repack off (--repack 0)": llama_bench(exe, gguf, a.threads, a.depth, False)}  # fmt: skip
     best = max(lr, key=lambda n: lr[n]["tg128"])
     lb = lr[best]
     print(f"\n{a.threads} threads, CPU only; llama.cpp's faster configuration: {best}")

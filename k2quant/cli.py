@@ -431,8 +431,7 @@ def serve(model, device, gpu_memory, hotness, static, threads, ctx, mode, ram_ba
     Examples:
       k2quant serve K2-int4 --gpu-memory 20G --hotness calib/hotness.json --port 8000
       K2QUANT_API_KEY=secret k2quant serve K2-int4 --host 0.0.0.0
-      curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
-        -d '{"model": "K2-int4", "messages": [{"role": "user", "content": "Hello"}]}'
+      curl http://127.0.0.1:8000/v1/models
     """
     import logging
 
