@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 from k2quant.formats.tokenizer import render_chat
 
 
-def bundled_texts() -> dict[str, str]:
-    """The text written for k2quant (English and Chinese prose, agentic transcripts), by file name."""
+def bundled_texts(render: Callable[[list[dict], list[dict] | None], str] | None = None) -> dict[str, str]:
+    """The text written for k2quant (English and Chinese prose, agentic transcripts), by file name;
+    transcripts rendered by `render(messages, tools)` (default: K2's chat format, `render_chat`)."""
     out = {}
     root = resources.files("k2quant.calib") / "data"
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
         if entry.name.endswith(".txt"):
             out[entry.name] = entry.read_text(encoding="utf-8")
         elif entry.name.endswith(".jsonl"):
-            out[entry.name] = "".join(jsonl_documents(entry.read_text(encoding="utf-8"), entry.name))
+            out[entry.name] = "".join(jsonl_documents(entry.read_text(encoding="utf-8"), entry.name, render))
     return out
 
 
@@ -30,8 +32,10 @@ def heldout_text() -> str:
                          if entry.name.endswith(".txt"))  # fmt: skip
 
 
-def jsonl_documents(text: str, source: str = "<jsonl>") -> list[str]:
-    """One document per line: {"text": ...} as is, {"messages": [...], "tools": [...]} rendered in K2's chat format."""
+def jsonl_documents(text: str, source: str = "<jsonl>",
+                    render: Callable[[list[dict], list[dict] | None], str] | None = None) -> list[str]:  # fmt: skip
+    """One document per line: {"text": ...} as is, {"messages": [...], "tools": [...]} rendered by `render`
+    (default: K2's chat format without a generation prompt)."""
     docs = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -43,7 +47,10 @@ def jsonl_documents(text: str, source: str = "<jsonl>") -> list[str]:
         if "text" in obj:
             docs.append(obj["text"])
         elif "messages" in obj:
-            docs.append(render_chat(obj["messages"], obj.get("tools"), add_generation_prompt=False))
+            if render is None:
+                docs.append(render_chat(obj["messages"], obj.get("tools"), add_generation_prompt=False))
+            else:
+                docs.append(render(obj["messages"], obj.get("tools")))
         else:
             raise ValueError(f"{source}:{lineno}: expected a 'text' or 'messages' field")
     return docs

@@ -13,6 +13,18 @@ import ctypes.util
 import resource
 
 
+def meminfo(field: str) -> int | None:
+    """A /proc/meminfo field in bytes ("MemTotal", "MemAvailable"); None where there is no /proc."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss() -> int:
     """Peak resident set size of this process in bytes (VmHWM; ru_maxrss where /proc is missing)."""
     try:

@@ -24,12 +24,12 @@ import os
 import sysconfig
 import time
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from k2quant.calib.datasets import bundled_texts
 from k2quant.formats.chat import K2_CHAT_TEMPLATE
 from k2quant.formats.hf import save_checkpoint, write_json
 from k2quant.formats.tokenizer import CONFIG_FILE, K2Tokenizer, load_tokenizer, save_tokenizer, train_bpe
@@ -98,26 +98,11 @@ def corpus() -> tuple[list[str], list[str]]:
     for i, p in enumerate(files):
         text = p.read_text(encoding="utf-8", errors="replace")
         (heldout if i % TRAIN["heldout_every"] == 0 else train).append(text)
-    for _, text in sorted(_bundled_texts_v1().items()):
+    for _, text in sorted(bundled_texts(render=_chat_v1).items()):  # the chat format of recipe v1
         cut = int(len(text) * 0.9)
         train.extend([text[:cut]] * TRAIN["calib_repeat"])
         heldout.append(text[cut:])
     return train, heldout
-
-
-def _bundled_texts_v1() -> dict[str, str]:
-    """calib.datasets.bundled_texts() as recipe version 1 read it: the .txt files whole, each .jsonl
-    file's transcripts rendered in the chat format of that time and concatenated."""
-    out = {}
-    root = resources.files("k2quant.calib") / "data"
-    for entry in sorted(root.iterdir(), key=lambda p: p.name):
-        if entry.name.endswith(".txt"):
-            out[entry.name] = entry.read_text(encoding="utf-8")
-        elif entry.name.endswith(".jsonl"):
-            lines = [json.loads(line) for line in entry.read_text(encoding="utf-8").splitlines() if line.strip()]
-            out[entry.name] = "".join(o["text"] if "text" in o else _chat_v1(o["messages"], o.get("tools"))
-                                      for o in lines)  # fmt: skip
-    return out
 
 
 def _chat_v1(messages: list[dict], tools: list[dict] | None) -> str:

@@ -58,6 +58,7 @@ from .convert import plan_conversion
 from .convert_gguf import ALIGN, GGUFPlan, plan_gguf
 from .errors import K2QuantError
 from .formats.safetensors_file import DTYPES, TensorInfo
+from .memory import meminfo
 from .names import expected_shapes, parse_name
 from .quant.fp8 import scale_shape
 from .recipe import GGUF_PRESETS, build_recipe
@@ -148,13 +149,8 @@ class Machine:
 
 
 def _meminfo_total() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total = meminfo("MemTotal")
+    return total if total is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def has_amx() -> bool:

@@ -23,7 +23,7 @@ import torch
 from k2quant.checkpoint import open_checkpoint
 from k2quant.errors import K2QuantError
 from k2quant.formats.chat import ChatTemplate
-from k2quant.memory import peak_rss
+from k2quant.memory import meminfo, peak_rss
 from k2quant.model import K2Model
 
 from .bandwidth import read_bandwidth
@@ -51,13 +51,8 @@ class RunOptions:
 
 
 def available_ram() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    avail = meminfo("MemAvailable")
+    return avail if avail is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def default_temperature(path: str | Path) -> float:
