@@ -26,7 +26,8 @@ Where the numbers come from:
   kernel holds 2 bytes of scale+zero per group and row where the file has 2 of scale;
   norms and the router in float32; per-call decoding otherwise), placed by
   `runner.placement.place()`, plus the KV cache, the prefill working set (`attention_work`,
-  measured) and the interpreter (`RUNNER_RUNTIME`).
+  measured) and the interpreter (`measure_runtime_rss`: a fresh process of this Python with the
+  runner imported).
 - llama.cpp memory is its buffers: the model (mapped file), the KV cache (MLA: K only,
   kv_lora_rank + qk_rope_head_dim values per token and layer, F16) and the compute buffer
   (`llama_compute_buffer`, estimated for flash attention off).
@@ -43,6 +44,8 @@ import math
 import os
 import re
 import shlex
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -95,10 +98,13 @@ VRAM_HEADROOM = GPU_MARGIN
 DEFAULT_VRAM_BANDWIDTH = 1008e9  # RTX 4090's 1008 GB/s (offloading.md 6.1); assumed when no GPU is here
 DISK_TEST_BYTES = 512 << 20
 
-# The runner's process before any weight: python 3.11 + torch 2.13 (CPU build) + k2quant.runner imported,
-# measured peak RSS 233 MB on the project's machine. With CUDA the libraries and context add host memory:
+# The runner's process before any weight (python + torch + k2quant's runner imported) is measured by
+# `measure_runtime_rss` in a child process of this interpreter: it depends on the environment (233 MB in
+# the development venv, 293 MB in CI's fresh one, same machine and torch). RUNNER_RUNTIME is what a plan
+# assumes when it is not measured. With CUDA the libraries and context add host memory:
 # RUNNER_CUDA_RUNTIME is assumed (no GPU here to measure it).
 RUNNER_RUNTIME = 240_000_000
+_RUNTIME_SCRIPT = "import k2quant.runner.runner; from k2quant.memory import peak_rss; print(peak_rss())"
 RUNNER_CUDA_RUNTIME = 1_500_000_000
 LLAMA_RUNTIME = 200_000_000  # llama.cpp's own process, assumed
 
@@ -146,6 +152,7 @@ class Machine:
     vram_bandwidth: Figure
     disk_bandwidth: Figure
     amx: bool = False  # this machine's CPU has AMX (llama.cpp needs --no-repack there)
+    runtime: Figure = field(default_factory=lambda: Figure(RUNNER_RUNTIME, "assumed"))  # RSS before any weight
 
 
 def _meminfo_total() -> int:
@@ -220,6 +227,14 @@ def measure_vram_bandwidth() -> float | None:
     return n / best
 
 
+def measure_runtime_rss() -> int:
+    """Peak RSS in bytes of a fresh process of this Python with the runner imported (no weights yet)."""
+    r = subprocess.run([sys.executable, "-c", _RUNTIME_SCRIPT], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise PlanError(f"measuring the runner's interpreter RSS failed: {r.stderr.strip()[-500:]}")
+    return int(r.stdout.split()[-1])
+
+
 def measure_machine(ram: int | None = None, vram: int | None = None, ram_bandwidth: float | None = None,
                     vram_bandwidth: float | None = None, disk_bandwidth: float | None = None,
                     disk_dir: str | Path | None = None, threads: int | None = None) -> Machine:  # fmt: skip
@@ -252,7 +267,8 @@ def measure_machine(ram: int | None = None, vram: int | None = None, ram_bandwid
         if not os.access(d, os.W_OK):
             d = Path(tempfile.gettempdir())
         db = Figure(measure_disk_bandwidth(d), f"measured: sequential read in {d.resolve()} ({_fs_type(d)})")
-    return Machine(ram_f, vram_f, rb, vb, db, has_amx())
+    runtime = Figure(measure_runtime_rss(), f"measured: a fresh {Path(sys.executable).name} with the runner imported")
+    return Machine(ram_f, vram_f, rb, vb, db, has_amx(), runtime)
 
 
 # ---------------------------------------------------------------------------- the model
@@ -547,8 +563,8 @@ class RunnerEstimate:
 
 
 def runner_estimate(tensors: list[StoredTensor], cfg: K2Config, ctx: int, vram: int,
-                    hotness: dict[int, list[float]] | None = None,
-                    chunk: int = PREFILL_CHUNK) -> RunnerEstimate:  # fmt: skip
+                    hotness: dict[int, list[float]] | None = None, chunk: int = PREFILL_CHUNK,
+                    runtime: int = RUNNER_RUNTIME) -> RunnerEstimate:  # fmt: skip
     """RAM, VRAM, placement and bytes per token of the runner on these tensors (fast mode).
 
     With a GPU the budget `place()` fills is what VRAM leaves after the headroom, the KV cache,
@@ -574,7 +590,7 @@ def runner_estimate(tensors: list[StoredTensor], cfg: K2Config, ctx: int, vram: 
                "KV cache": kv,
                "prefill working set": max(attention_work(cfg, ctx, chunk, "cpu"), vocab_work,
                                           max((t.transient("cpu") for t in tensors), default=0)),
-               "interpreter and torch": RUNNER_RUNTIME}  # fmt: skip
+               "interpreter and torch": runtime}  # fmt: skip
         return RunnerEstimate(_memory(ram), _memory({}), pl, bytes_per_token(pl, inventory, cfg, hotness), "cpu",
                               None, note)  # fmt: skip
     fill = hotness or {i: [1.0] * cfg.n_routed_experts for i in cfg.moe_layers}
@@ -592,7 +608,7 @@ def runner_estimate(tensors: list[StoredTensor], cfg: K2Config, ctx: int, vram: 
         "routed experts (all, held by the CPU kernels)": sum(t.held("cpu") for t in experts),
         "dense weights and embeddings": sum(t.held("cpu") for t in cpu_dense),
         "decode transients": max((t.transient("cpu") for t in cpu_dense), default=0),
-        "interpreter, torch and CUDA (assumed)": RUNNER_RUNTIME + RUNNER_CUDA_RUNTIME,
+        "interpreter, torch and CUDA (CUDA's share assumed)": runtime + RUNNER_CUDA_RUNTIME,
     }
     arg = budget + kv + chunk * WORK_BYTES_PER_TOKEN  # the runner's own budget is gpu_memory - kv - chunk * 64 KiB
     return RunnerEstimate(_memory(ram_parts), _memory(vram_parts), pl, bytes_per_token(pl, inventory, cfg, hotness),
@@ -717,7 +733,8 @@ def _runner_options(src: ModelSource, machine: Machine, ctx: int, usable: dict[s
         cp = plan_conversion(ck, build_recipe(preset, overrides=overrides))
         data, shard_sizes = converted_bytes(cp)
         tensors = stored_tensors(cp, ck)
-        est = runner_estimate(tensors, cfg, ctx, int(machine.vram.value), hotness)
+        est = runner_estimate(tensors, cfg, ctx, int(machine.vram.value), hotness,
+                              runtime=int(machine.runtime.value))  # fmt: skip
         kv_read = kv_cache_bytes(cfg, ctx)
         per_token = {"ram" if k == "cpu" else "vram": v for k, v in est.per_token.items()}
         at_ctx = dict(per_token)
@@ -976,6 +993,7 @@ def format_plan(p: Plan) -> str:
         f"  bandwidth: RAM {_size(mach.ram_bandwidth.value)}/s ({mach.ram_bandwidth.source})",
         *([f"             VRAM {_size(mach.vram_bandwidth.value)}/s ({mach.vram_bandwidth.source})"] if vram else []),
         f"             disk {_size(mach.disk_bandwidth.value)}/s ({mach.disk_bandwidth.source})",
+        f"  runner's interpreter: {_size(mach.runtime.value)} RSS before weights ({mach.runtime.source})",
         f"  headroom: RAM {p.headroom['ram']}" + (f"; VRAM {p.headroom['vram']}" if vram else ""),
         f"context: {p.ctx} tokens; MLA KV cache {_size(p.kv_cache_bytes)} "
         f"(kv_lora_rank + qk_rope_head_dim values x {m['layers']} layers x {p.ctx} tokens x 2 bytes)",

@@ -216,6 +216,48 @@ def test_quantizer_no_worse_than_llama_quantize(ggufs, tmp_path, t, weighted):
         assert err_ours <= err_theirs * 1.0001, (name, err_ours, err_theirs, SETTING)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_every_q4_k_m_tensor_within_2_percent_of_llama_quantize(ggufs, tmp_path, weighted):
+    """llama_model_quantize's Q4_K_M (its own per-tensor types) of the BF16 GGUF against k2quant's
+    encoders on the same weights: the same type for every tensor, and every tensor's error
+    (weighted by its importance, when it has one) at most 1.02x llama.cpp's."""
+    src = next(ggufs["bf16"].glob("*.gguf"))
+    ref = open_checkpoint(src)
+    g = torch.Generator().manual_seed(5)
+    imat = {}
+    for name, t in ref.by_gguf.items():  # importance where llama.cpp applies one: rows as wide as the input
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if weighted and len(shape) > 1 and name not in ("token_embd.weight",) and "_b." not in name:
+            imat[name] = torch.rand(shape[0] if len(shape) == 3 else 1, shape[-1], generator=g) ** 4 * 10 + 1e-3
+    out = tmp_path / "llama-q4_k_m.gguf"
+    llama_quantize(src, out, "q4_k_m", imatrix={k: v.numpy().reshape(-1) for k, v in imat.items()} or None)
+    theirs = open_checkpoint(out)
+    ours = open_checkpoint(next(ggufs["q4_k_m"].glob("*.gguf")))  # k2quant's own Q4_K_M: its type choices
+    assert {n: t.tensor_type.name for n, t in ours.by_gguf.items()} == {
+        n: t.tensor_type.name for n, t in theirs.by_gguf.items()}  # fmt: skip
+    ratios = {}
+    for name, t in theirs.by_gguf.items():
+        ty = t.tensor_type.name
+        if ty == "F32":
+            continue
+        w = ref._decode(name)
+        mats = w if w.dim() == 3 else w[None]
+        lw = theirs._decode(name).reshape(mats.shape)
+        err_ours = err_theirs = 0.0
+        for e in range(mats.shape[0]):
+            imp = imat[name][e if imat[name].shape[0] > 1 else 0] if name in imat else None
+            mw = imp if imp is not None else torch.ones(mats.shape[-1])
+            q = ggml.dequantize(ggml.quantize(mats[e], ty, imp), ty, mats.shape[-1])
+            err_ours += ((q - mats[e]) ** 2 * mw).sum().item()
+            err_theirs += ((lw[e] - mats[e]) ** 2 * mw).sum().item()
+        ratios[name] = err_ours / err_theirs
+    worst = max(ratios, key=ratios.get)
+    print(f"q4_k_m {'imatrix' if weighted else 'plain'}: {len(ratios)} tensors, k2quant / llama.cpp error "
+          f"max {ratios[worst]:.4f} ({worst}), median {np.median(list(ratios.values())):.4f}")  # fmt: skip
+    assert ratios[worst] <= 1.02, (worst, ratios[worst], SETTING)
+    assert len(ratios) > 40
+
+
 # ---------------------------------------------------------------------------- pipeline
 def _src(tmp: Path, layers: int = 4) -> Path:
     return write_synthetic_checkpoint(tmp / f"src{layers}", k2_config_dict(**{**SMALL, "num_hidden_layers": layers}), 4)
