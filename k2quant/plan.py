@@ -31,10 +31,13 @@ Where the numbers come from:
 - llama.cpp memory is its buffers: the model (mapped file), the KV cache (MLA: K only,
   kv_lora_rank + qk_rope_head_dim values per token and layer, F16) and the compute buffer
   (`llama_compute_buffer`, estimated for flash attention off).
-- Decode speed is the bandwidth model: bytes one token reads from each tier over that tier's
-  bandwidth, summed (`runner.placement.bytes_per_token()` for the runner; the GGUF tensors'
-  bytes for llama.cpp), at an empty context and with the KV cache full at --ctx. It is an
-  upper bound: README's "which file for my machine" gives what measured engines reach.
+- Decode speed, at an empty context and with the KV cache full at --ctx. GGUF: the bandwidth
+  bound, bytes one token reads from each tier over that tier's bandwidth, summed (the GGUF
+  tensors' bytes; llama.cpp's kernels are not measured here). Runner: the bytes each of its
+  CPU kernels streams per token (`runner_cpu_reads`: int4pack, bf16 F.linear, decoded per
+  call) at that kernel's rate measured on this machine (runner/bandwidth.py `kernel_rates`,
+  never above the RAM bandwidth), the GPU's share at the VRAM bandwidth; every option also
+  carries its bandwidth bound (`bound_tokens_per_s`).
 """
 
 from __future__ import annotations
@@ -128,6 +131,7 @@ RUNNER_RECIPES = [  # (preset, convert overrides): the INT4 presets of `k2quant 
     ("int4-all", [r"mlp\.experts\.=int4-g128"]),
 ]
 GGUF_PLAN_PRESETS = [p for p in GGUF_PRESETS if p not in ("f32", "f16")]  # f16: bf16's size, less range
+SLOWEST_CHOICE = 0.25  # a larger runner file is not chosen when it decodes under 1/4 as fast as the fastest that fits
 GGUF_SPLIT = 48_000_000_000  # --split-max-size 48G for files larger than this
 
 
@@ -153,6 +157,9 @@ class Machine:
     disk_bandwidth: Figure
     amx: bool = False  # this machine's CPU has AMX (llama.cpp needs --no-repack there)
     runtime: Figure = field(default_factory=lambda: Figure(RUNNER_RUNTIME, "assumed"))  # RSS before any weight
+    # bytes/s of the runner's CPU kernels by kind (runner/bandwidth.py kernel_rates); empty: not measured,
+    # the runner's CPU tier is then predicted at the bandwidth bound
+    kernel_rates: dict[str, Figure] = field(default_factory=dict)
 
 
 def _meminfo_total() -> int:
@@ -237,9 +244,13 @@ def measure_runtime_rss() -> int:
 
 def measure_machine(ram: int | None = None, vram: int | None = None, ram_bandwidth: float | None = None,
                     vram_bandwidth: float | None = None, disk_bandwidth: float | None = None,
-                    disk_dir: str | Path | None = None, threads: int | None = None) -> Machine:  # fmt: skip
-    """A Machine from what is given; the rest is this machine's (measured, or a stated assumption)."""
-    from .runner.bandwidth import read_bandwidth
+                    disk_dir: str | Path | None = None, threads: int | None = None,
+                    kernels: bool | None = None) -> Machine:  # fmt: skip
+    """A Machine from what is given; the rest is this machine's (measured, or a stated assumption).
+    kernels: measure the runner's CPU kernel rates (about 20 s the first time, then cached); by default
+    only when the RAM bandwidth is this machine's too (a given bandwidth plans for another machine, whose
+    kernels cannot be measured here: its runner is then predicted at the bound)."""
+    from .runner.bandwidth import kernel_rates, read_bandwidth
 
     ram_f = Figure(ram, "given") if ram is not None else Figure(_meminfo_total(), "this machine (MemTotal)")
     if vram is not None:
@@ -268,7 +279,13 @@ def measure_machine(ram: int | None = None, vram: int | None = None, ram_bandwid
             d = Path(tempfile.gettempdir())
         db = Figure(measure_disk_bandwidth(d), f"measured: sequential read in {d.resolve()} ({_fs_type(d)})")
     runtime = Figure(measure_runtime_rss(), f"measured: a fresh {Path(sys.executable).name} with the runner imported")
-    return Machine(ram_f, vram_f, rb, vb, db, has_amx(), runtime)
+    rates = {}
+    if kernels or (kernels is None and ram_bandwidth is None):
+        n = threads or os.cpu_count() or 1
+        got, cached = kernel_rates(n)
+        how = f"measured on this machine ({n} threads, K2 expert shapes{', cached' if cached else ''})"
+        rates = {kind: Figure(v, how) for kind, v in got.items()}
+    return Machine(ram_f, vram_f, rb, vb, db, has_amx(), runtime, rates)
 
 
 # ---------------------------------------------------------------------------- the model
@@ -615,6 +632,42 @@ def runner_estimate(tensors: list[StoredTensor], cfg: K2Config, ctx: int, vram: 
                           "gpu", arg, note)  # fmt: skip
 
 
+def kernel_kind(t: StoredTensor) -> str:
+    """Which of the runner's CPU kernels reads `t` in a decode step (runner/bandwidth.py KERNEL_KINDS), or
+    "other" (norms and router in float32, the embedding row: read at memory speed)."""
+    if t.cls in SMALL or t.cls == "embeddings":
+        return "other"
+    if t.dense:
+        return "dense"
+    return "int4pack" if t.int4pack_cpu else "decode per call"
+
+
+def runner_cpu_reads(tensors: list[StoredTensor], pl: Placement, cfg: K2Config,
+                     frequency: dict[int, list[float]] | None = None) -> dict[str, float]:  # fmt: skip
+    """Bytes one decoded token makes each kind of CPU kernel stream (what the kernels hold, weighted by how
+    often a token reads the tensor: every dense one, one embedding row, k of each layer's experts)."""
+    out: dict[str, float] = {}
+    k, n = cfg.num_experts_per_tok, cfg.n_routed_experts
+    for t in tensors:
+        if t.cls == "routed_experts":
+            if pl.expert_on_gpu(t.layer, t.expert):
+                continue
+            freq = (frequency or {}).get(t.layer)
+            reads = k * (freq[t.expert] if freq else 1.0 / n)
+        elif t.name in pl.gpu:
+            continue
+        else:
+            reads = 1.0 / cfg.vocab_size if t.cls == "embeddings" else 1.0
+        kind = kernel_kind(t)
+        out[kind] = out.get(kind, 0.0) + reads * t.held("cpu")
+    return out
+
+
+def _runner_seconds(reads: dict[str, float], rates: dict[str, float], bandwidth: float) -> float:
+    """CPU seconds per token: each kernel kind's bytes at its measured rate, never above the bandwidth."""
+    return sum(b / min(rates.get(kind, bandwidth), bandwidth) for kind, b in reads.items())
+
+
 # ---------------------------------------------------------------------------- llama.cpp's memory
 def llama_kv_bytes(cfg: K2Config, ctx: int) -> int:
     """llama.cpp's deepseek2 MLA cache: K only, kv_lora_rank + qk_rope_head_dim F16 values per token and layer."""
@@ -676,6 +729,7 @@ class Option:
     commands: list[str] = field(default_factory=list)
     mmap: dict | None = None  # the NVMe option: cached share of the experts, bytes per token from disk
     note: str | None = None
+    bound_tokens_per_s: float = 0.0  # the bandwidth bound, empty context (for GGUF also the prediction)
 
 
 @dataclass
@@ -701,6 +755,10 @@ class Plan:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _tps(v: float) -> str:
+    return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
 
 
 def _speed(per_tier: dict[str, float], bw: dict[str, float]) -> float:
@@ -751,14 +809,20 @@ def _runner_options(src: ModelSource, machine: Machine, ctx: int, usable: dict[s
         run.append("--chat")
         params = sum(t.params for t in cp.tensors)
         pl = est.placement
+        # CPU tier at the measured kernel rates (none measured: at the bandwidth); the GPU tier at its bandwidth
+        rates = {k: f.value for k, f in machine.kernel_rates.items()}
+        cpu_s = _runner_seconds(runner_cpu_reads(tensors, pl, cfg, hotness), rates, bw["ram"])
+        gpu_s = per_token["vram"] / bw["vram"] if per_token.get("vram") else 0.0
+        kv_s = kv_read / bw["vram" if est.kv_tier == "gpu" else "ram"]
         opts.append(Option(
             "runner", preset, list(overrides), label, sum(shard_sizes), len(shard_sizes), 8 * data / params,
-            src.kind == "checkpoint", est.ram, est.vram, per_token, kv_read, _speed(per_token, bw),
-            _speed(at_ctx, bw), not short, short,
+            src.kind == "checkpoint", est.ram, est.vram, per_token, kv_read, 1 / (cpu_s + gpu_s),
+            1 / (cpu_s + gpu_s + kv_s), not short, short,
             {"gpu_dense_tensors": len(pl.gpu), "gpu_routed_experts": sum(len(v) for v in pl.gpu_experts.values()),
              "routed_experts": cfg.n_routed_experts * len(cfg.moe_layers), "gpu_bytes": pl.gpu_bytes,
              "kv_cache_on": est.kv_tier, "gpu_memory": est.gpu_memory_arg},
-            [" ".join(_q(a) for a in conv), " ".join(_q(a) for a in run)], None, est.note))  # fmt: skip
+            [" ".join(_q(a) for a in conv), " ".join(_q(a) for a in run)], None, est.note,
+            _speed(per_token, bw)))  # fmt: skip
     return opts
 
 
@@ -815,7 +879,8 @@ def _gguf_options(src: ModelSource, machine: Machine, ctx: int, usable: dict[str
         opts.append(Option("gguf", preset, [], preset, sum(sizes), len(sizes), 8 * data / params, False, ram, vram_m,
                            per_token, kv_cache_bytes(cfg, ctx), _speed(per_token, bw), _speed(at_ctx, bw),
                            not short, short, None,
-                           [" ".join(_q(a) for a in conv), " ".join(_q(a) for a in run)]))  # fmt: skip
+                           [" ".join(_q(a) for a in conv), " ".join(_q(a) for a in run)],
+                           bound_tokens_per_s=_speed(per_token, bw)))  # fmt: skip
         plans[preset] = (experts, embd, dense, reads, ram, vram_m)
     return opts, plans
 
@@ -843,7 +908,8 @@ def _mmap_option(o: Option, parts: tuple, usable: dict[str, int], bw: dict[str, 
     return Option(o.target, o.preset, o.overrides, o.label + " (mmap from NVMe)", o.file_bytes, o.files,
                   o.bits_per_weight, o.size_exact, new_ram, vram_m, per_token, o.kv_read_at_ctx,
                   _speed(per_token, bw), _speed(at_ctx, bw), not short, short, None,
-                  o.commands, {"cached_share": share, "disk_bytes_per_token": per_token["disk"]}, note)  # fmt: skip
+                  o.commands, {"cached_share": share, "disk_bytes_per_token": per_token["disk"]}, note,
+                  _speed(per_token, bw))  # fmt: skip
 
 
 def read_calib(calib: str | Path | None, cfg: K2Config) -> tuple[Path | None, dict | None, list[str]]:
@@ -911,14 +977,21 @@ def plan(model: str | Path | ModelSource, machine: Machine, ctx: int = DEFAULT_C
                      "INT4), CPU only")  # fmt: skip
         opts.sort(key=lambda o: -o.file_bytes)
         fitting = [o for o in opts if o.fits]
-        chosen = fitting[0] if fitting else None
+        # the largest file that fits; for the runner, among those within SLOWEST_CHOICE of the fastest that fits
+        # (its kernels differ by form: FP8 block decoded per call on a CPU is far slower than its bytes say)
+        fast = [o for o in fitting if target == "gguf" or
+                o.tokens_per_s >= SLOWEST_CHOICE * max(f.tokens_per_s for f in fitting)]  # fmt: skip
+        chosen = fast[0] if fitting else None
         fallback = None
         if chosen is not None:
             summary = (
                 f"best that fits: {chosen.label}, {_size(chosen.file_bytes)} in {chosen.files} file(s), "
-                f"{chosen.bits_per_weight:.2f} bits per weight; about {chosen.tokens_per_s:.1f} tokens/s "
-                f"(predicted decode, empty context; {chosen.tokens_per_s_at_ctx:.1f} at {ctx} tokens)"
+                f"{chosen.bits_per_weight:.2f} bits per weight; about {_tps(chosen.tokens_per_s)} tokens/s "
+                f"(predicted decode, empty context; {_tps(chosen.tokens_per_s_at_ctx)} at {ctx} tokens)"
             )
+            if chosen is not fitting[0]:
+                summary += (f"; not the larger {fitting[0].label}: predicted at {_tps(fitting[0].tokens_per_s)} "
+                            f"tokens/s, under {SLOWEST_CHOICE:.0%} of the fastest that fits")  # fmt: skip
         else:
             small = min(opts, key=lambda o: o.ram.total)
             if "ram" in small.short:
@@ -952,8 +1025,16 @@ def plan(model: str | Path | ModelSource, machine: Machine, ctx: int = DEFAULT_C
             "routed_experts": cfg.n_routed_experts, "experts_per_token": cfg.num_experts_per_tok,
             "max_context": cfg.max_position_embeddings}  # fmt: skip
     notes.append(
-        "tokens/s: predicted decode from the bandwidth model (bytes read per token from each tier / that "
-        "tier's bandwidth, summed): an upper bound that engines reach only part of"
+        "tokens/s, GGUF: the bandwidth bound (bytes read per token from each tier / that tier's bandwidth, "
+        "summed), which llama.cpp reaches only part of (0.66 on 2 AVX2 cores in bench/run.py); runner: the "
+        "bytes each of its CPU kernels streams per token at that kernel's measured rate (never above the RAM "
+        "bandwidth), the GPU's share at the VRAM bandwidth"
+        + (
+            ""
+            if machine.kernel_rates
+            else " (kernel rates not measured: a given RAM bandwidth plans for another "
+            "machine; the runner's CPU share is then at the bandwidth, an upper bound)"
+        )
     )
     if not machine.amx and "gguf" in targets:
         notes.append(
@@ -994,6 +1075,15 @@ def format_plan(p: Plan) -> str:
         *([f"             VRAM {_size(mach.vram_bandwidth.value)}/s ({mach.vram_bandwidth.source})"] if vram else []),
         f"             disk {_size(mach.disk_bandwidth.value)}/s ({mach.disk_bandwidth.source})",
         f"  runner's interpreter: {_size(mach.runtime.value)} RSS before weights ({mach.runtime.source})",
+        *(
+            [
+                "  runner's CPU kernels: "
+                + ", ".join(f"{k} {_size(f.value)}/s" for k, f in mach.kernel_rates.items())
+                + f" ({next(iter(mach.kernel_rates.values())).source})"
+            ]
+            if mach.kernel_rates
+            else []
+        ),
         f"  headroom: RAM {p.headroom['ram']}" + (f"; VRAM {p.headroom['vram']}" if vram else ""),
         f"context: {p.ctx} tokens; MLA KV cache {_size(p.kv_cache_bytes)} "
         f"(kv_lora_rank + qk_rope_head_dim values x {m['layers']} layers x {p.ctx} tokens x 2 bytes)",
@@ -1008,7 +1098,7 @@ def format_plan(p: Plan) -> str:
             why = "yes" if o.fits else "no: " + ", ".join(f"{k.upper()} short {_size(v)}" for k, v in o.short.items())
             mark = "*" if o is tp.chosen else " "
             sizes = f"{o.file_bytes / u:>9.1f}{o.bits_per_weight:>7.2f}{o.ram.total / u:>9.1f}{o.vram.total / u:>9.1f}"
-            lines.append(f" {mark}{o.label:<30}{sizes}{o.tokens_per_s:>8.1f}{o.tokens_per_s_at_ctx:>7.1f}  {why}")
+            lines.append(f" {mark}{o.label:<30}{sizes}{_tps(o.tokens_per_s):>8}{_tps(o.tokens_per_s_at_ctx):>7}  {why}")
         lines.append(f"  {tp.summary}")
         best = tp.chosen or tp.fallback
         if tp.fallback is not None:

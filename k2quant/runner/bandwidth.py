@@ -1,10 +1,16 @@
-"""The memory-bandwidth bound, measured one fixed way (the same in `k2quant run` and bench/run.py).
+"""The memory-bandwidth bound and the runner's kernel rates, measured one fixed way (the same in
+`k2quant run`, `k2quant plan` and bench/run.py).
 
 A multi-threaded read (torch `sum`) of a float32 buffer of max(1 GiB, 4 x the last-level
 cache), best of five after a warm-up, with `threads` torch threads; cached per (CPU model,
 threads) in ~/.cache/k2quant/bandwidth.json (or $K2QUANT_HOME) so a run does not re-measure;
 measured in a child process, so the buffer does not count in the caller's peak RSS.
 The bound for decode is bytes read per token / this bandwidth.
+
+Kernel rates (`kernel_rates`): the bytes per second each of the runner's CPU kernels streams
+in a one-token call at K2 expert shapes (torch's int4pack, bf16 F.linear, FP8 block decoded
+per call), cached the same way (per CPU model, threads and torch version). `k2quant plan`
+predicts the runner's CPU decode from them: bytes per kernel / min(its rate, the bandwidth).
 """
 
 from __future__ import annotations
@@ -62,33 +68,100 @@ def measure_read_bandwidth(threads: int, size_bytes: int | None = None) -> float
         torch.set_num_threads(saved)
 
 
-def read_bandwidth(threads: int) -> tuple[float, bool]:
-    """(bytes/s, whether it came from the cache): measured once per CPU model and thread count."""
-    key = f"{_cpu_model()} | {threads} threads"
+def _cached(key: str, code: str) -> tuple[object, bool]:
+    """The cached value under `key`, else the JSON that `code` prints in a child process (then cached)."""
     path = _cache_file()
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         data = {}
-    if isinstance(data, dict) and isinstance(data.get(key), int | float):
-        return float(data[key]), True
-    # in a child process: the 1 GiB buffer must not count in the runner's own peak RSS
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from k2quant.runner.bandwidth import measure_read_bandwidth;"
-            f" print(measure_read_bandwidth({int(threads)}))",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    bw = float(r.stdout.split()[-1])
     data = data if isinstance(data, dict) else {}
-    data[key] = bw
+    if key in data:
+        return data[key], True
+    # in a child process: the measurement's buffers must not count in the caller's own peak RSS
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    data[key] = json.loads(r.stdout.splitlines()[-1])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(path)
-    return bw, False
+    return data[key], False
+
+
+def read_bandwidth(threads: int) -> tuple[float, bool]:
+    """(bytes/s, whether it came from the cache): measured once per CPU model and thread count."""
+    code = f"from k2quant.runner.bandwidth import measure_read_bandwidth; print(measure_read_bandwidth({int(threads)}))"
+    bw, cached = _cached(f"{_cpu_model()} | {threads} threads", code)
+    if not isinstance(bw, int | float):
+        raise ValueError(f"{_cache_file()}: the bandwidth for {threads} threads is not a number: {bw!r}")
+    return float(bw), cached
+
+
+# ---------------------------------------------------------------------------- the runner's CPU kernels
+# The shapes a K2 routed expert's kernels take (gate and up fused: 4096 x 7168; down: 7168 x 2048).
+KERNEL_SHAPES = ((4096, 7168), (7168, 2048))
+KERNEL_KINDS = ("int4pack", "dense", "decode per call")
+
+
+def _kernel_weight(kind: str, n: int, k: int, g: torch.Generator):
+    from k2quant.checkpoint import StoredWeight
+    from k2quant.quant.int4 import pack_int4
+
+    if kind == "dense":
+        return StoredWeight("w", "dense", (n, k), {"weight": (torch.randn(n, k, generator=g) * 0.02).bfloat16()})
+    if kind == "int4pack":
+        q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+        parts = {"weight_packed": pack_int4(q), "weight_scale": torch.full((n, k // 32), 0.01).bfloat16(),
+                 "weight_shape": torch.tensor([n, k])}  # fmt: skip
+        return StoredWeight("w", "int4_pack", (n, k), parts)
+    w = (torch.randn(n, k, generator=g) * 100).to(torch.float8_e4m3fn)  # FP8 block: K2's release, decoded per call
+    return StoredWeight("w", "fp8_block", (n, k), {"weight": w, "weight_scale_inv": torch.full((n // 128, k // 128),
+                        1e-4)}, (128, 128))  # fmt: skip
+
+
+def measure_kernel_rates(threads: int, working_set: int | None = None) -> dict[str, float]:
+    """Bytes per second each of the runner's CPU kernels (runner/kernels.py, fast mode) streams through
+    a one-token call, at K2 expert shapes: bytes the kernel holds / seconds per call, over enough
+    distinct weights (4 x the last-level cache) that they do not stay in the cache, best of three
+    passes. Decoding per call is bound by its arithmetic, not by memory: two weights suffice there."""
+    from .kernels import make_linear
+
+    working_set = working_set or max(64 << 20, 4 * _llc_bytes())
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    try:
+        for kind in KERNEL_KINDS:
+            held = seconds = 0.0
+            for n, k in KERNEL_SHAPES:
+                first = make_linear(_kernel_weight(kind, n, k, g), "cpu", "fast")
+                copies = [first] + [make_linear(_kernel_weight(kind, n, k, g), "cpu", "fast")
+                                    for _ in range(1 if kind == "decode per call" else
+                                                   max(1, working_set // first.nbytes) - 1)]  # fmt: skip
+                x = torch.randn(1, k, generator=g).bfloat16()
+                for lin in copies:  # warm-up, pages in
+                    lin(x)
+                best = float("inf")
+                for _ in range(3):
+                    t = time.perf_counter()
+                    for lin in copies:
+                        lin(x)
+                    best = min(best, (time.perf_counter() - t) / len(copies))
+                held += first.nbytes
+                seconds += best
+            out[kind] = held / seconds
+    finally:
+        torch.set_num_threads(saved)
+    return out
+
+
+def kernel_rates(threads: int) -> tuple[dict[str, float], bool]:
+    """({kernel kind: bytes/s}, whether from the cache): measured once per CPU model, thread count and torch."""
+    code = ("import json; from k2quant.runner.bandwidth import measure_kernel_rates; "
+            f"print(json.dumps(measure_kernel_rates({int(threads)})))")  # fmt: skip
+    rates, cached = _cached(f"{_cpu_model()} | {threads} threads | torch {torch.__version__} | kernels", code)
+    if not isinstance(rates, dict) or set(rates) != set(KERNEL_KINDS):
+        raise ValueError(f"{_cache_file()}: kernel rates for {threads} threads are not {KERNEL_KINDS}: {rates!r}")
+    return {k: float(v) for k, v in rates.items()}, cached
