@@ -21,6 +21,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -68,15 +69,16 @@ def measure_read_bandwidth(threads: int, size_bytes: int | None = None) -> float
         torch.set_num_threads(saved)
 
 
-def _cached(key: str, code: str) -> tuple[object, bool]:
-    """The cached value under `key`, else the JSON that `code` prints in a child process (then cached)."""
+def _cached(key: str, code: str, valid: Callable[[object], bool]) -> tuple[object, bool]:
+    """The cached value under `key` when `valid(value)`, else the JSON that `code` prints in a child
+    process (then cached; an entry that is not valid, e.g. edited by hand, is measured again)."""
     path = _cache_file()
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         data = {}
     data = data if isinstance(data, dict) else {}
-    if key in data:
+    if key in data and valid(data[key]):
         return data[key], True
     # in a child process: the measurement's buffers must not count in the caller's own peak RSS
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -91,9 +93,7 @@ def _cached(key: str, code: str) -> tuple[object, bool]:
 def read_bandwidth(threads: int) -> tuple[float, bool]:
     """(bytes/s, whether it came from the cache): measured once per CPU model and thread count."""
     code = f"from k2quant.runner.bandwidth import measure_read_bandwidth; print(measure_read_bandwidth({int(threads)}))"
-    bw, cached = _cached(f"{_cpu_model()} | {threads} threads", code)
-    if not isinstance(bw, int | float):
-        raise ValueError(f"{_cache_file()}: the bandwidth for {threads} threads is not a number: {bw!r}")
+    bw, cached = _cached(f"{_cpu_model()} | {threads} threads", code, lambda v: isinstance(v, int | float) and v > 0)
     return float(bw), cached
 
 
@@ -161,7 +161,10 @@ def kernel_rates(threads: int) -> tuple[dict[str, float], bool]:
     """({kernel kind: bytes/s}, whether from the cache): measured once per CPU model, thread count and torch."""
     code = ("import json; from k2quant.runner.bandwidth import measure_kernel_rates; "
             f"print(json.dumps(measure_kernel_rates({int(threads)})))")  # fmt: skip
-    rates, cached = _cached(f"{_cpu_model()} | {threads} threads | torch {torch.__version__} | kernels", code)
-    if not isinstance(rates, dict) or set(rates) != set(KERNEL_KINDS):
-        raise ValueError(f"{_cache_file()}: kernel rates for {threads} threads are not {KERNEL_KINDS}: {rates!r}")
+
+    def valid(v) -> bool:
+        return isinstance(v, dict) and set(v) == set(KERNEL_KINDS) and all(
+            isinstance(x, int | float) and x > 0 for x in v.values())  # fmt: skip
+
+    rates, cached = _cached(f"{_cpu_model()} | {threads} threads | torch {torch.__version__} | kernels", code, valid)
     return {k: float(v) for k, v in rates.items()}, cached
