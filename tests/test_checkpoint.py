@@ -330,15 +330,26 @@ def test_index_path_outside_directory(tmp_path, target):
         open_checkpoint(d)
 
 
-def test_index_symlink_escaping_directory(tmp_path):
-    d = small_ckpt(tmp_path)
-    (tmp_path / "outside.safetensors").write_bytes((d / "model-1-of-3.safetensors").read_bytes())
-    os.symlink(tmp_path / "outside.safetensors", d / "link.safetensors")
-    idx = _index(d)
-    idx["weight_map"]["model.embed_tokens.weight"] = "link.safetensors"
-    _write_index(d, idx)
+def test_symlinked_shards_as_the_hugging_face_cache_holds_them(tmp_path):
+    """snapshots/<rev>/*.safetensors are links to ../../blobs/<hash>: allowed, judged by the index's names;
+    a name that climbs out (`..`) stays refused even when the file it reaches is a shard."""
+    src = small_ckpt(tmp_path)
+    repo = tmp_path / "models--k2" / "snapshots" / "abc123"
+    blobs = tmp_path / "models--k2" / "blobs"
+    repo.mkdir(parents=True)
+    blobs.mkdir()
+    for f in sorted(src.iterdir()):
+        (blobs / f"{f.name}.blob").write_bytes(f.read_bytes())
+        os.symlink(Path("../../blobs") / f"{f.name}.blob", repo / f.name)
+    ck = open_checkpoint(repo)
+    ref = open_checkpoint(src)
+    assert torch.equal(ck.tensor("model.embed_tokens.weight"), ref.tensor("model.embed_tokens.weight"))
+    idx = _index(repo)
+    (repo / "model.safetensors.index.json").unlink()  # a link into blobs/: write the edited index in its place
+    idx["weight_map"]["model.embed_tokens.weight"] = "../../blobs/model-1-of-3.safetensors.blob"
+    _write_index(repo, idx)
     with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
-        open_checkpoint(d)
+        open_checkpoint(repo)
 
 
 def test_tensor_missing_from_index(tmp_path):
