@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from llamacpp import SETTING, llama_quantize, llama_tool, no_repack_args  # noqa: E402
+from llamacpp import SETTING, errors_against_llama, llama_quantize, llama_tool, no_repack_args  # noqa: E402
 
 from k2quant import minik2, open_checkpoint  # noqa: E402
 from k2quant.calib.datasets import bundled_texts  # noqa: E402
@@ -138,35 +138,22 @@ def main() -> None:
         diff = [n for n in names if A.by_gguf[n].tensor_type != B.by_gguf[n].tensor_type]
         print(f"tensor types: {len(names)} tensors, {len(diff)} differ {sorted(diff)}")
         print("per-tensor error vs BF16, k2quant / llama-quantize, same BF16 input (weighted by the imatrix entry):")
-        worst = []
-        for n in sorted(names):
-            t = B.by_gguf[n].tensor_type.name
-            if t == "F32":
-                continue
-            w = ref._decode(n).float()
-            mats = w.reshape(-1, w.shape[-2], w.shape[-1]) if w.dim() == 3 else w[None]
-            lq = B._decode(n).float().reshape(mats.shape)
-            cw = (im or {}).get(n)
-            use = cw is not None and cw.shape[-1] == mats.shape[-1]
-            e_ours = e_theirs = 0.0
-            for e in range(mats.shape[0]):
-                imp = torch.from_numpy(cw[e if cw.shape[0] > 1 else 0]) if use else None
-                mw = imp if imp is not None else torch.ones(mats.shape[-1])
-                q = ggml.dequantize(ggml.quantize(mats[e], t, imp), t, mats.shape[-1])
-                e_ours += ((q - mats[e]) ** 2 * mw).sum().item()
-                e_theirs += ((lq[e] - mats[e]) ** 2 * mw).sum().item()
-            worst.append((e_ours / e_theirs, n, t, use))
+        quantized = sorted(n for n in names if B.by_gguf[n].tensor_type.name != "F32")
+        weights = {n: torch.from_numpy(v) for n, v in (im or {}).items()}
+        worst = [(ours_e / llama_e, n, B.by_gguf[n].tensor_type.name, use)
+                 for n, (ours_e, llama_e, use) in errors_against_llama(ref, B, quantized, weights).items()]  # fmt: skip
         for r, n, t, use in sorted(worst, reverse=True)[:6]:
             print(f"  {n:<30} {t:<5} {r:.4f}{'  (weighted)' if use else ''}")
         med = np.median([w[0] for w in worst])
         print(f"  ... {len(worst)} tensors, ratio max {max(worst)[0]:.4f} median {med:.4f}")
+        swaps = {c: _patched(theirs, root / f"swap-{tag}-{i}.gguf", _data(ours, {n for n in names if c in n}))
+                 for i, c in enumerate(CLASSES)}  # fmt: skip
         for tname, tpath in texts:
             print(f"held-out {tname}: mean KLD ± unc, max")
             for who, path in (("k2quant", ours), ("llama-quantize", theirs)):
                 m, u, mx = _kld(perplexity, path, bf16, tpath.with_suffix(".kld"), tpath, a.chunks, yarn)
                 print(f"  {who:<16} {m:.6f} ± {u:.6f}  max {mx:.4f}")
-            for c in CLASSES:
-                swap = _patched(theirs, root / "swap.gguf", _data(ours, {n for n in names if c in n}))
+            for c, swap in swaps.items():
                 m, u, mx = _kld(perplexity, swap, bf16, tpath.with_suffix(".kld"), tpath, a.chunks, yarn)
                 print(f"  llama-quantize's file with k2quant's {c:<14} {m:.6f} ± {u:.6f}  max {mx:.4f}")
 

@@ -68,7 +68,7 @@ from .memory import meminfo
 from .names import expected_shapes, parse_name
 from .quant.fp8 import scale_shape
 from .recipe import GGUF_PRESETS, build_recipe
-from .runner.placement import Placement, bytes_per_token, place, read_hotness, tensor_class
+from .runner.placement import Placement, bytes_per_token, place, read_hotness, reads_per_token, tensor_class
 from .runner.runner import GPU_MARGIN, WORK_BYTES_PER_TOKEN
 
 TARGETS = ("gguf", "runner")
@@ -644,22 +644,15 @@ def kernel_kind(t: StoredTensor) -> str:
 
 def runner_cpu_reads(tensors: list[StoredTensor], pl: Placement, cfg: K2Config,
                      frequency: dict[int, list[float]] | None = None) -> dict[str, float]:  # fmt: skip
-    """Bytes one decoded token makes each kind of CPU kernel stream (what the kernels hold, weighted by how
-    often a token reads the tensor: every dense one, one embedding row, k of each layer's experts)."""
+    """Bytes one decoded token makes each kind of CPU kernel stream: what the kernels hold, times how
+    often a token reads the tensor (`runner.placement.reads_per_token`)."""
+    reads = reads_per_token(pl, [t.name for t in tensors], cfg, frequency)
     out: dict[str, float] = {}
-    k, n = cfg.num_experts_per_tok, cfg.n_routed_experts
     for t in tensors:
-        if t.cls == "routed_experts":
-            if pl.expert_on_gpu(t.layer, t.expert):
-                continue
-            freq = (frequency or {}).get(t.layer)
-            reads = k * (freq[t.expert] if freq else 1.0 / n)
-        elif t.name in pl.gpu:
-            continue
-        else:
-            reads = 1.0 / cfg.vocab_size if t.cls == "embeddings" else 1.0
-        kind = kernel_kind(t)
-        out[kind] = out.get(kind, 0.0) + reads * t.held("cpu")
+        tier, times = reads[t.name]
+        if tier == "cpu":
+            kind = kernel_kind(t)
+            out[kind] = out.get(kind, 0.0) + times * t.held("cpu")
     return out
 
 
@@ -786,6 +779,7 @@ def _q(s: str) -> str:
 def _runner_options(src: ModelSource, machine: Machine, ctx: int, usable: dict[str, int], bw: dict[str, float],
                     hotness: dict | None, calib: Path | None) -> list[Option]:  # fmt: skip
     cfg, ck = src.config, src.checkpoint
+    rates = {k: f.value for k, f in machine.kernel_rates.items()}
     opts = []
     for preset, overrides in RUNNER_RECIPES:
         cp = plan_conversion(ck, build_recipe(preset, overrides=overrides))
@@ -810,7 +804,6 @@ def _runner_options(src: ModelSource, machine: Machine, ctx: int, usable: dict[s
         params = sum(t.params for t in cp.tensors)
         pl = est.placement
         # CPU tier at the measured kernel rates (none measured: at the bandwidth); the GPU tier at its bandwidth
-        rates = {k: f.value for k, f in machine.kernel_rates.items()}
         cpu_s = _runner_seconds(runner_cpu_reads(tensors, pl, cfg, hotness), rates, bw["ram"])
         gpu_s = per_token["vram"] / bw["vram"] if per_token.get("vram") else 0.0
         kv_s = kv_read / bw["vram" if est.kv_tier == "gpu" else "ram"]

@@ -195,6 +195,34 @@ def llama_quantize(src: Path, dst: Path, ftype: str, *, pure: bool = False, nthr
         raise RuntimeError(f"llama_model_quantize failed ({rc}) on {src}")
 
 
+def errors_against_llama(ref, theirs, names, importance=None) -> dict[str, tuple[float, float, bool]]:
+    """Per GGUF tensor name: (k2quant's error, llama.cpp's error, weighted) against `ref`'s weights, where
+    `theirs` is llama_model_quantize's file (both open_checkpoint'ed) and k2quant encodes the same weights
+    in the type llama.cpp chose. Squared errors summed, weighted per input column by importance[name]
+    (torch (nmat | 1, n_in)) where it has an entry as wide as the rows."""
+    import torch
+
+    from k2quant.quant import ggml
+
+    out = {}
+    for name in names:
+        t = theirs.by_gguf[name].tensor_type.name
+        w = ref._decode(name).float()
+        mats = w if w.dim() == 3 else w[None]
+        lw = theirs._decode(name).float().reshape(mats.shape)
+        imp = (importance or {}).get(name)
+        use = imp is not None and imp.shape[-1] == mats.shape[-1]
+        ours = llama = 0.0
+        for e in range(mats.shape[0]):
+            col = imp[e if imp.shape[0] > 1 else 0] if use else None
+            mw = col if col is not None else torch.ones(mats.shape[-1])
+            q = ggml.dequantize(ggml.quantize(mats[e], t, col), t, mats.shape[-1])
+            ours += ((q - mats[e]) ** 2 * mw).sum().item()
+            llama += ((lw[e] - mats[e]) ** 2 * mw).sum().item()
+        out[name] = (ours, llama, use)
+    return out
+
+
 def llama_logits(path: Path, tokens: list[int], n_ctx: int, beta_fast: float, beta_slow: float) -> np.ndarray:
     """Logits for every position of `tokens` (one sequence) from llama.cpp's CPU backend.
 

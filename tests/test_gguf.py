@@ -25,7 +25,7 @@ from k2quant.recipe import RecipeError, build_recipe
 from k2quant.synthetic import k2_config_dict, write_synthetic_checkpoint
 
 from .conftest import SMALL, assert_peak_rss_independent_of_size
-from .llamacpp import SETTING, llama_logits, llama_quantize, llama_tokenize
+from .llamacpp import SETTING, errors_against_llama, llama_logits, llama_quantize, llama_tokenize
 
 QTYPES = ["Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
@@ -195,22 +195,14 @@ def test_quantizer_no_worse_than_llama_quantize(ggufs, tmp_path, t, weighted):
         for name in _COMPARE:
             shape = tuple(int(x) for x in reversed(ref.by_gguf[name].shape.tolist()))
             nmat = shape[0] if len(shape) == 3 else 1
-            imat[name] = (torch.rand(nmat, shape[-1], generator=g) ** 4 * 10 + 1e-3).numpy()
+            imat[name] = torch.rand(nmat, shape[-1], generator=g) ** 4 * 10 + 1e-3
     out = tmp_path / f"llama-{t}.gguf"
-    llama_quantize(src, out, t, pure=True, imatrix=imat or None)
+    llama_quantize(src, out, t, pure=True, imatrix={k: v.numpy().reshape(-1) for k, v in imat.items()} or None)
     theirs = open_checkpoint(out)
+    errors = errors_against_llama(ref, theirs, _COMPARE, imat)
     for name in _COMPARE:
-        w = ref._decode(name)
-        mats = w if w.dim() == 3 else w[None]
-        lw = theirs._decode(name).reshape(mats.shape)
         assert theirs.by_gguf[name].tensor_type.name == t
-        err_ours = err_theirs = 0.0
-        for e in range(mats.shape[0]):
-            imp = torch.from_numpy(imat[name][e]) if weighted else None
-            mw = imp if imp is not None else torch.ones(mats.shape[-1])
-            q = ggml.dequantize(ggml.quantize(mats[e], t, imp), t, mats.shape[-1])
-            err_ours += ((q - mats[e]) ** 2 * mw).sum().item()
-            err_theirs += ((lw[e] - mats[e]) ** 2 * mw).sum().item()
+        err_ours, err_theirs, _ = errors[name]
         kind = "imatrix" if weighted else "plain"
         print(f"{t} {kind} {name}: k2quant / llama.cpp error = {err_ours / err_theirs:.4f}")
         assert err_ours <= err_theirs * 1.0001, (name, err_ours, err_theirs, SETTING)
@@ -235,22 +227,8 @@ def test_every_q4_k_m_tensor_within_2_percent_of_llama_quantize(ggufs, tmp_path,
     ours = open_checkpoint(next(ggufs["q4_k_m"].glob("*.gguf")))  # k2quant's own Q4_K_M: its type choices
     assert {n: t.tensor_type.name for n, t in ours.by_gguf.items()} == {
         n: t.tensor_type.name for n, t in theirs.by_gguf.items()}  # fmt: skip
-    ratios = {}
-    for name, t in theirs.by_gguf.items():
-        ty = t.tensor_type.name
-        if ty == "F32":
-            continue
-        w = ref._decode(name)
-        mats = w if w.dim() == 3 else w[None]
-        lw = theirs._decode(name).reshape(mats.shape)
-        err_ours = err_theirs = 0.0
-        for e in range(mats.shape[0]):
-            imp = imat[name][e if imat[name].shape[0] > 1 else 0] if name in imat else None
-            mw = imp if imp is not None else torch.ones(mats.shape[-1])
-            q = ggml.dequantize(ggml.quantize(mats[e], ty, imp), ty, mats.shape[-1])
-            err_ours += ((q - mats[e]) ** 2 * mw).sum().item()
-            err_theirs += ((lw[e] - mats[e]) ** 2 * mw).sum().item()
-        ratios[name] = err_ours / err_theirs
+    quantized = [n for n, t in theirs.by_gguf.items() if t.tensor_type.name != "F32"]
+    ratios = {n: ours / llama for n, (ours, llama, _) in errors_against_llama(ref, theirs, quantized, imat).items()}
     worst = max(ratios, key=ratios.get)
     print(f"q4_k_m {'imatrix' if weighted else 'plain'}: {len(ratios)} tensors, k2quant / llama.cpp error "
           f"max {ratios[worst]:.4f} ({worst}), median {np.median(list(ratios.values())):.4f}")  # fmt: skip

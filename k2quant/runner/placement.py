@@ -10,9 +10,10 @@ expert id, until the budget is full. A class that does not fit whole is placed t
 tensor in that order, so the budget is never exceeded. Without hotness no routed expert is
 placed (dynamic placement fills the GPU as the session routes).
 
-`bytes_per_token(placement, inventory, config, frequency)` is what one decoded token reads
-from each tier: every dense tensor once (one embedding row), and per MoE layer
-`num_experts_per_tok` experts, weighted by how often each is routed.
+`reads_per_token(placement, names, config, frequency)` says how one decoded token reads each
+tensor (its tier, and how many times whole): every dense tensor once (one embedding row), and
+per MoE layer `num_experts_per_tok` experts, weighted by how often each is routed;
+`bytes_per_token` sums it over the inventory per tier (k2quant plan weights it per kernel).
 """
 
 from __future__ import annotations
@@ -84,28 +85,33 @@ def place(inventory: dict[str, int], config: K2Config, gpu_budget: int,
     return pl
 
 
-def bytes_per_token(pl: Placement, inventory: dict[str, int], config: K2Config,
-                    frequency: dict[int, list[float]] | None = None) -> dict[str, float]:  # fmt: skip
-    """Bytes one decoded token reads from each tier ({"gpu": ..., "cpu": ...}).
+def reads_per_token(pl: Placement, names, config: K2Config,
+                    frequency: dict[int, list[float]] | None = None) -> dict[str, tuple[str, float]]:  # fmt: skip
+    """How one decoded token reads each tensor: (tier "gpu" | "cpu", how many times it reads the whole
+    tensor): every dense tensor once, one embedding row (1 / vocab), a routed expert's tensors k times
+    its share of the layer's routed (token, expert) pairs.
 
-    frequency: per MoE layer, each expert's share of the layer's routed (token, expert) pairs
-    (sums to 1); uniform when not given."""
-    out = {"gpu": 0.0, "cpu": 0.0}
-    for name, nb in inventory.items():
+    frequency: per MoE layer, each expert's share of those pairs (sums to 1); uniform when not given."""
+    k, n = config.num_experts_per_tok, config.n_routed_experts
+    out = {}
+    for name in names:
         cls = tensor_class(name)
         if cls == "routed_experts":
-            continue
-        if cls == "embeddings":
-            nb = nb / config.vocab_size  # one row
-        out["gpu" if name in pl.gpu else "cpu"] += nb
-    k, n = config.num_experts_per_tok, config.n_routed_experts
-    for layer in range(config.num_hidden_layers):
-        if not config.is_moe(layer):
-            continue
-        freq = (frequency or {}).get(layer) or [1.0 / n] * n
-        for e, f in enumerate(freq):
-            tier = "gpu" if pl.expert_on_gpu(layer, e) else "cpu"
-            out[tier] += k * f * expert_bytes(inventory, layer, e)
+            ni = parse_name(name)
+            freq = (frequency or {}).get(ni.layer)
+            share = freq[ni.expert] if freq else 1.0 / n
+            out[name] = ("gpu" if pl.expert_on_gpu(ni.layer, ni.expert) else "cpu", k * share)
+        else:
+            out[name] = ("gpu" if name in pl.gpu else "cpu", 1.0 / config.vocab_size if cls == "embeddings" else 1.0)
+    return out
+
+
+def bytes_per_token(pl: Placement, inventory: dict[str, int], config: K2Config,
+                    frequency: dict[int, list[float]] | None = None) -> dict[str, float]:  # fmt: skip
+    """Bytes one decoded token reads from each tier ({"gpu": ..., "cpu": ...}), by `reads_per_token`."""
+    out = {"gpu": 0.0, "cpu": 0.0}
+    for name, (tier, reads) in reads_per_token(pl, inventory, config, frequency).items():
+        out[tier] += reads * inventory[name]
     return out
 
 
