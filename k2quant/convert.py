@@ -36,6 +36,7 @@ from .errors import K2QuantError
 from .gptq_stream import GPTQ_MIN_TOKENS, SPOOL, SpoolReader, run_gptq_stream, spooled_fallbacks
 from .gptq_stream import module_of as _module
 from .names import parse_name
+from .quant.int4_kernel import set_threads as set_kernel_threads
 from .quant.schemes import Scheme, parse_scheme
 from .recipe import LINEAR_COMPONENTS, Recipe, RecipeError
 
@@ -202,6 +203,7 @@ def convert_shard(
     """Write one planned output shard. Runs in the main process or a worker (arguments are plain data)."""
     if threads:
         torch.set_num_threads(threads)
+        set_kernel_threads(threads)
     ck = open_checkpoint(src)
     tensors = [PlannedTensor(**t) for t in shard["tensors"]]
     imp = {}
@@ -240,14 +242,15 @@ def _produce(ck: Checkpoint, t: PlannedTensor, method: str, imp: torch.Tensor | 
     mod = _module(t.name)
     parts = gptq.parts(mod) if isinstance(gptq, SpoolReader) and scheme.kind == "int4" else None
     if parts is None:  # not spooled by the layer-streamed GPTQ: quantize here
-        w = ck.tensor(t.name)
         if scheme.kind in ("bf16", "keep"):
-            yield t.name, w.to(torch.bfloat16)
+            yield t.name, ck.tensor(t.name).to(torch.bfloat16)
             return
         if isinstance(gptq, _HessianGPTQ) and mod not in gptq.fallbacks and scheme.kind == "int4":
-            parts = scheme.quantize(w, hessian=gptq.hessian(mod), act_order=gptq.act_order)
-        else:  # the importance vector weights the clipping search; plain RTN has nothing to weight
-            parts = scheme.quantize(w, importance=imp if scheme.kind == "int4" else None, search=method != "rtn")
+            parts = scheme.quantize(ck.tensor(t.name), hessian=gptq.hessian(mod), act_order=gptq.act_order)
+        elif scheme.kind == "int4":  # the fused kernel reads the stored form; importance weights its search
+            parts = scheme.quantize(ck.stored(t.name), importance=imp, search=method != "rtn")
+        else:
+            parts = scheme.quantize(ck.tensor(t.name))
     for out_name, _, _ in t.outputs:
         yield out_name, parts[out_name[len(mod) + 1 :]]
 

@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 from k2quant import open_checkpoint
 from k2quant.cli import main
+from k2quant.quant import gptq
 from k2quant.quant.gptq import gptq_int4
 from k2quant.quant.int4 import dequantize_int4, pack_int4, pack_zero_point, quantize_int4
 
@@ -55,6 +56,30 @@ def test_gptq_is_deterministic_and_checks_shapes():
     dead[5, :] = dead[:, 5] = 0  # an input channel that never fired
     q, _, _ = gptq_int4(W, dead)
     assert (q[:, 5] == 0).all()
+
+
+def test_float32_factor_where_safe_float64_otherwise():
+    """The Cholesky work runs in float32 unless the diagonal spans more than 1e8; both compensate."""
+    X, W, H = _problem(2)
+    rtn = _output_error(X, W, *quantize_int4(W, 32, True, 8, None, False))
+    before = dict(gptq.FACTORED)
+    got32 = _output_error(X, W, *gptq_int4(W, H))
+    assert gptq.FACTORED["float32"] == before["float32"] + 1
+    Xw = X.clone()
+    Xw[:, 7] *= 1e5  # one channel 1e10 times another's energy: float32 is not trusted
+    Hw = Xw.T.double() @ Xw.double()
+    got64 = _output_error(Xw, W, *gptq_int4(W, Hw))
+    assert gptq.FACTORED["float64"] == before["float64"] + 1
+    assert got32 < 0.5 * rtn and got64 < _output_error(Xw, W, *quantize_int4(W, 32, True, 8, None, False))
+    # the float32 and float64 factors of a well-conditioned Hessian give almost the same GPTQ
+    gptq._LAST.clear()
+    gptq.DIAG_SPAN_F32, span = 0.0, gptq.DIAG_SPAN_F32
+    try:
+        ref = _output_error(X, W, *gptq_int4(W, H))
+    finally:
+        gptq.DIAG_SPAN_F32 = span
+        gptq._LAST.clear()
+    assert abs(got32 - ref) < 0.02 * ref, (got32, ref)
 
 
 @pytest.fixture(scope="module")

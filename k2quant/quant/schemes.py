@@ -11,13 +11,18 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from k2quant.checkpoint import StoredWeight
 
 from .forms import form
 from .fp8 import DEFAULT_BLOCK, quantize_fp8_block, scale_shape
 from .gptq import gptq_int4
-from .int4 import pack_int4, pack_zero_point, quantize_int4
+from .int4 import pack_int4, pack_zero_point
+from .int4_kernel import encode_int4, kernel_source
 
 _INT4 = re.compile(r"^int4-g(32|64|128)(-asym|-r7)?$")
 
@@ -71,26 +76,30 @@ class Scheme:
 
     def quantize(
         self,
-        w: torch.Tensor,
+        w: torch.Tensor | StoredWeight,
         importance: torch.Tensor | None = None,
         search: bool = True,
         hessian: torch.Tensor | None = None,
         act_order: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Stored parts for a float weight (suffixes as compressed-tensors names them).
+        """Stored parts for a weight (suffixes as compressed-tensors names them): a float tensor, or a
+        checkpoint.StoredWeight, which int4 reads in its stored form (FP8 blocks need no float32 copy).
 
         search=False is plain round-to-nearest for int4 (no clipping search); a `hessian`
         (X^T X of the layer's inputs) makes int4 use GPTQ."""
         if self.kind == "int4":
             if hessian is not None:
-                q, s, z = gptq_int4(w, hessian, self.group_size, self.symmetric, self.qmax, act_order=act_order)
-            else:
-                q, s, z = quantize_int4(w, self.group_size, self.symmetric, self.qmax, importance, search)
-            parts = {"weight_packed": pack_int4(q), "weight_scale": s,
+                q, s, z = gptq_int4(_float(w), hessian, self.group_size, self.symmetric, self.qmax, act_order=act_order)
+                packed = pack_int4(q)
+            else:  # the fused kernel, reading the weight in its stored form
+                packed, s, z = encode_int4(kernel_source(w), self.group_size, self.symmetric, self.qmax, importance,
+                                           search)  # fmt: skip
+            parts = {"weight_packed": packed, "weight_scale": s,
                      "weight_shape": torch.tensor(list(w.shape), dtype=torch.int64)}  # fmt: skip
             if z is not None:
                 parts["weight_zero_point"] = pack_zero_point(z)
             return parts
+        w = _float(w)
         if self.kind == "fp8":
             q, s = quantize_fp8_block(w)
             return {"weight": q, "weight_scale": s}
@@ -119,6 +128,11 @@ class Scheme:
         if self.kind == "fp8":
             return [("weight", torch.float8_e4m3fn, shape), ("weight_scale", torch.float32, scale_shape(shape))]
         return [("weight", torch.bfloat16, shape)]
+
+
+def _float(w: torch.Tensor | StoredWeight) -> torch.Tensor:
+    """A float tensor from a tensor or a checkpoint.StoredWeight (decoded by its stored form)."""
+    return w if isinstance(w, torch.Tensor) else w.dequantize()
 
 
 def parse_scheme(name: str) -> Scheme:
