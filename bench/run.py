@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,7 @@ from llamacpp import llama_tool  # noqa: E402
 from k2quant import open_checkpoint  # noqa: E402
 from k2quant.convert import convert  # noqa: E402
 from k2quant.convert_gguf import convert_gguf  # noqa: E402
+from k2quant.manifest import MANIFEST  # noqa: E402
 from k2quant.model import route  # noqa: E402
 from k2quant.recipe import build_recipe  # noqa: E402
 from k2quant.runner.bandwidth import read_bandwidth  # noqa: E402
@@ -142,11 +144,13 @@ def main() -> None:
     print(f"source {src}: {a.moe_layers} MoE layers x {a.experts} experts at K2 dimensions; hot half of the experts "
           f"takes {', '.join(f'{100 * v:.0f}%' for v in skew.values())} of the routed pairs", flush=True)  # fmt: skip
     ours = root / "k2quant-int4"
-    if not (ours / "model.safetensors.index.json").exists():
+    if not (ours / MANIFEST).exists():  # an output without its manifest is unfinished: made again
+        shutil.rmtree(ours, ignore_errors=True)
         convert(src, ours, build_recipe("k2-int4", overrides=[r"self_attn\.|shared_experts\.|layers\.0\.mlp\.=bf16"]),
                 method="rtn", progress=False)  # fmt: skip
     gdir = root / "llama-gguf"
-    if not (gdir / "k2quant_convert.json").exists():
+    if not (gdir / MANIFEST).exists():
+        shutil.rmtree(gdir, ignore_errors=True)
         convert_gguf(src, gdir, build_recipe("q8_0", overrides=["exps=q4_0"], target="gguf"), method="rtn",
                      workers=a.threads, progress=False, name="bench")  # fmt: skip
     gguf = gdir / "bench.gguf"

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from k2quant.formats.hashed import WrittenFile, atomic_write
+
 
 def shard_name(i: int, n: int, style: str = "k2") -> str:
     """'k2': model-1-of-61.safetensors (K2-Instruct); 'hf': model-00001-of-000062.safetensors (0905, Thinking)."""
@@ -25,10 +27,9 @@ def shard_name(i: int, n: int, style: str = "k2") -> str:
     raise ValueError(f"unknown shard naming {style!r}")
 
 
-def write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def write_json(path: Path, obj: object) -> WrittenFile:
+    """`obj` as indented JSON, written via a temporary file (formats/hashed.py: hashed, fsynced, renamed)."""
+    return atomic_write(path, [(json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8")])
 
 
 def save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

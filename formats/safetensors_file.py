@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from k2quant.errors import CheckpointError
+from k2quant.errors import CheckpointError, DiskFullError
+from k2quant.formats.hashed import HashingFile
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -171,7 +172,9 @@ class SafetensorsWriter:
 
     The header is computed from the planned (name, dtype, shape) entries, so tensors can be
     produced and written one at a time and never held together. Data goes to `<path>.tmp`,
-    renamed to `path` by `close()` only when every planned tensor was written.
+    renamed to `path` by `close()` only when every planned tensor was written. Every byte
+    (header included) is hashed as it is written: `sha256` holds the file's digest after
+    `close()`. A full disk raises DiskFullError naming `path`, with the temporary file removed.
     """
 
     def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
@@ -189,8 +192,13 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
         self.size = 8 + len(raw) + offset
-        self._f = open(self.tmp, "wb")
-        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self.sha256: str | None = None
+        self._f = HashingFile(self.tmp, self.path)
+        try:
+            self._f.write(struct.pack("<Q", len(raw)) + raw)
+        except BaseException:
+            self.abort()
+            raise
         self._next = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -199,19 +207,28 @@ class SafetensorsWriter:
             raise ValueError(f"{self.path}: expected {want} {dtype} {list(shape)}, got {name} "
                              f"{tensor.dtype} {list(tensor.shape)}")  # fmt: skip
         t = tensor.detach().contiguous().cpu()
-        self._f.write(t.view(torch.uint8).numpy().tobytes() if n else b"")
+        try:
+            self._f.write(t.view(torch.uint8).numpy().reshape(-1).data if n else b"")  # the buffer itself, no copy
+        except DiskFullError:
+            self.abort()
+            raise
         self._next += 1
 
     def close(self) -> None:
         if self._next != len(self.expected):
             self.abort()
             raise ValueError(f"{self.path}: closed after {self._next} of {len(self.expected)} tensors")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        try:
+            self._f.sync()
+            self._f.close()
+        except DiskFullError:
+            self.abort()
+            raise
+        if self._f.size != self.size:
+            self.abort()
+            raise ValueError(f"{self.path}: wrote {self._f.size} bytes, the header implies {self.size}")
         os.replace(self.tmp, self.path)
+        self.sha256 = self._f.hexdigest()
 
     def abort(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-        self.tmp.unlink(missing_ok=True)
+        self._f.discard()

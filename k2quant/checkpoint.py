@@ -191,10 +191,14 @@ def open_checkpoint(path: str | Path, *, strict: bool = True) -> Checkpoint:
     """Open a Hugging Face checkpoint directory (sharded with an index, or single-file).
 
     With strict=True (the default) every tensor the config implies must be present with
-    the right shape; strict=False is for partial checkpoints (one layer, tests).
+    the right shape; strict=False is for partial checkpoints (one layer, tests). A k2quant
+    output whose conversion did not finish (no manifest) is refused (manifest.check_complete).
     """
     from k2quant.formats.gguf import is_gguf, open_gguf
 
+    from .manifest import check_complete
+
+    check_complete(path)
     if is_gguf(path):
         return open_gguf(path)
     root = Path(path)

@@ -32,6 +32,7 @@ def main() -> None:
       k2quant demo                      # build mini-K2 and run the whole pipeline
       k2quant inspect ./Kimi-K2-Instruct
       k2quant inspect ./Kimi-K2-Instruct --json | jq .components
+      k2quant verify ./k2-int4          # every output file against the manifest convert wrote
     """
 
 
@@ -288,6 +289,44 @@ def inspect(path: str, as_json: bool) -> None:
 
     info = inspect_checkpoint(path)
     click.echo(json.dumps(info, indent=2) if as_json else format_inspect(info))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--quick", is_flag=True, help="Compare sizes only (no data read: finds truncation, not a changed byte).")
+@click.option(
+    "--hashes",
+    "hashes_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Check DIRECTORY (e.g. a downloaded source checkpoint) against published hashes instead: sha256sum "
+    "output ('<sha256>  <name>') or a JSON object of file name -> sha256.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify(directory: str, quick: bool, hashes_file: str | None, as_json: bool) -> None:
+    """Check that DIRECTORY holds exactly what was written (or published).
+
+    \b
+    A k2quant output is checked against its k2quant_manifest.json (written last by
+    convert: every file's size and sha256); each file missing, truncated or changed is
+    named, files not in the manifest are noted. Exit status 1 when anything is wrong.
+    \b
+    Examples:
+      k2quant verify k2-int4                 # re-read and hash every file
+      k2quant verify k2-int4 --quick         # sizes only: seconds on a TB
+      k2quant verify Kimi-K2-Instruct --hashes SHA256SUMS
+      k2quant verify k2-gguf --json | jq .problems
+    """
+    from .manifest import format_verify, verify_dir, verify_hashes
+
+    if hashes_file and quick:
+        raise click.UsageError("--quick compares sizes, which a hashes file does not give")
+    if hashes_file:
+        r = verify_hashes(directory, hashes_file, progress=not as_json)
+    else:
+        r = verify_dir(directory, quick=quick, progress=not as_json)
+    click.echo(json.dumps(r.to_dict(), indent=2) if as_json else format_verify(r))
+    if not r.ok:
+        sys.exit(1)
 
 
 def runner_options(f):

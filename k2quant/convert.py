@@ -4,9 +4,11 @@ Every output tensor (name, scheme, dtype, shape, bytes, file) is planned before 
 is written; the plan's fingerprint guards `--resume`. Output shard i holds what source
 shard i held, so shards convert independently (in parallel with --workers) and peak
 memory is one tensor group per worker. Each shard is written to a temporary file and
-renamed when complete; a journal records finished shards; config.json, the small files
-and, last, the index are written only when every shard is done, so an interrupted or
-failed conversion never looks complete. Output bytes depend only on the inputs.
+renamed when complete; a journal records finished shards (size and sha256); config.json,
+the small files, the index, the summary and, last, the manifest (manifest.py: every
+file's size and sha256, hashed while it was written) are written only when every shard is
+done, so an interrupted or failed conversion (a full disk included: one DiskFullError
+naming the file) never looks complete. Output bytes depend only on the inputs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from k2quant.formats.hashed import copy_file
 from k2quant.formats.hf import write_json
 from k2quant.formats.imatrix import importance, read_imatrix
 from k2quant.formats.packed import quantization_config
@@ -35,13 +38,12 @@ from .checkpoint import INDEX_FILE, Checkpoint, LogicalTensor, open_checkpoint
 from .errors import K2QuantError
 from .gptq_stream import GPTQ_MIN_TOKENS, SPOOL, SpoolReader, run_gptq_stream, spooled_fallbacks
 from .gptq_stream import module_of as _module
+from .manifest import JOURNAL, MANIFEST, SUMMARY, FileEntry, seal
 from .names import parse_name
 from .quant.int4_kernel import set_threads as set_kernel_threads
 from .quant.schemes import Scheme, parse_scheme
 from .recipe import LINEAR_COMPONENTS, Recipe, RecipeError
 
-JOURNAL = ".k2quant-convert.journal.json"
-SUMMARY = "k2quant_convert.json"
 FORMAT_VERSION = 1
 
 
@@ -228,7 +230,7 @@ def convert_shard(
     except BaseException:
         writer.abort()
         raise
-    return {"file": shard["file"], "bytes": writer.size, "seconds": time.time() - t0}
+    return {"file": shard["file"], "bytes": writer.size, "sha256": writer.sha256, "seconds": time.time() - t0}
 
 
 def _produce(ck: Checkpoint, t: PlannedTensor, method: str, imp: torch.Tensor | None = None, gptq=None):
@@ -267,31 +269,65 @@ class _HessianGPTQ:
         return self.file.get_tensor(module + ".hessian")
 
 
-def _prepare_out(out: Path, fingerprint: str, resume: bool) -> dict[str, int]:
-    """Check the output directory; return the journal's finished shards (file -> size)."""
+def _prepare_out(out: Path, fingerprint: str, resume: bool) -> dict[str, FileEntry]:
+    """Check the output directory; return the journal's finished shards (file -> size and sha256).
+
+    A shard whose size differs from the journal's is done again; one from a journal written
+    before the journal kept hashes (size only) is hashed here, once."""
     journal = out / JOURNAL
     if out.exists() and not out.is_dir():
         raise ConvertError(f"{out}: exists and is not a directory")
     entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
     if journal.exists():
-        data = json.loads(journal.read_text())
         if not resume:
             raise ConvertError(f"{out}: holds an unfinished conversion; pass --resume to finish it")
+        data = _read_journal(journal)
         if data.get("fingerprint") != fingerprint:
             raise ConvertError(f"{out}: the unfinished conversion there used other inputs or settings; "
                                "start again in an empty directory")  # fmt: skip
-        done = {f: size for f, size in data.get("done", {}).items() if (out / f).is_file()
-                and (out / f).stat().st_size == size}  # fmt: skip
+        done = {}
+        for f, e in data.get("done", {}).items():
+            size, sha = (e, None) if isinstance(e, int) else (e["size"], e.get("sha256"))
+            try:
+                found = (out / f).is_file() and (out / f).stat().st_size == size
+            except OSError:  # a name too long for the file system: not a finished shard
+                found = False
+            if found:
+                done[f] = FileEntry(f, size, sha or file_sha256(out / f))
         for p in out.glob("*.tmp"):
             p.unlink()
         return done
     if entries:
-        if (out / SUMMARY).exists():
+        if (out / SUMMARY).exists() or (out / MANIFEST).exists():
             raise ConvertError(f"{out}: already holds a finished conversion")
         raise ConvertError(f"{out}: is not empty and was not created by k2quant convert")
     out.mkdir(parents=True, exist_ok=True)
     write_json(journal, {"fingerprint": fingerprint, "done": {}})
     return {}
+
+
+def _read_journal(journal: Path) -> dict:
+    """An unfinished conversion's journal, checked: {"fingerprint": ..., "done": {file name: {"size": int,
+    "sha256": str} or a size}}. Anything else (a write cut short, an edit) is a ConvertError naming it."""
+
+    def bad(why: str) -> ConvertError:
+        return ConvertError(f"{journal}: not a k2quant convert journal ({why}); start again in an empty directory")
+
+    try:
+        data = json.loads(journal.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, an int of 5000 digits
+        raise bad(str(e)) from None
+    done = data.get("done", {}) if isinstance(data, dict) else None
+    if not isinstance(done, dict):
+        raise bad("not an object with a 'done' object")
+    for f, e in done.items():
+        size = e if isinstance(e, int) else e.get("size") if isinstance(e, dict) else None
+        sha = e.get("sha256") if isinstance(e, dict) else None
+        if Path(f).name != f or f in (".", ".."):  # a file of the output directory, never a path out of it
+            raise bad(f"shard {f!r} is not a file name")
+        if type(size) is not int or size < 0 or not isinstance(sha, str | None):
+            raise bad(f"shard {f!r}: expected a size and a sha256")
+    return data
 
 
 def file_sha256(path: Path) -> str:
@@ -329,8 +365,9 @@ def _plan_gptq(plan: Plan, hessians: Path) -> None:
     plan.gptq_fallbacks = sorted(m for m in modules if m not in have or m in thin)
 
 
-def _record(out: Path, fingerprint: str, done: dict[str, int]) -> None:
-    write_json(out / JOURNAL, {"fingerprint": fingerprint, "done": dict(sorted(done.items()))})
+def _record(out: Path, fingerprint: str, done: dict[str, FileEntry]) -> None:
+    files = {f: {"size": e.size, "sha256": e.sha256} for f, e in sorted(done.items())}
+    write_json(out / JOURNAL, {"fingerprint": fingerprint, "done": files})
 
 
 def convert(
@@ -401,7 +438,7 @@ def convert(
         for s in todo:
             r = convert_shard(str(src), str(out), asdict(s), method, q, imatrix=plan.imatrix, hessians=plan.hessians,
                               fallbacks=tuple(plan.gptq_fallbacks), spool=spool and str(spool))  # fmt: skip
-            done[r["file"]] = r["bytes"]
+            done[r["file"]] = FileEntry(r["file"], r["bytes"], r["sha256"])
             _record(out, fp, done)
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -433,7 +470,7 @@ def convert(
                 for f in [f for f in pending if f.done()]:
                     pending.discard(f)
                     r = f.result()  # re-raises a worker's error
-                    done[r["file"]] = r["bytes"]
+                    done[r["file"]] = FileEntry(r["file"], r["bytes"], r["sha256"])
                     _record(out, fp, done)
             while not q.empty():
                 bar.update(q.get())
@@ -441,7 +478,7 @@ def convert(
     if spool is not None:
         outside = [_module(t.name) for t in _int4(plan.tensors) if not t.name.startswith("model.layers.")]
         plan.gptq_fallbacks = spooled_fallbacks(spool) + sorted(outside)  # lm_head etc.: never calibrated
-    summary = _finish(ck, plan, out, transformers_config, time.time() - t0)
+    summary = _finish(ck, plan, out, transformers_config, time.time() - t0, done)
     if spool is not None:
         shutil.rmtree(spool)
     return summary
@@ -455,7 +492,9 @@ class _BarQueue:
         self.bar.update(n)
 
 
-def _finish(ck: Checkpoint, plan: Plan, out: Path, transformers_config: bool, seconds: float) -> dict:
+def _finish(ck: Checkpoint, plan: Plan, out: Path, transformers_config: bool, seconds: float,
+            done: dict[str, FileEntry]) -> dict:  # fmt: skip
+    """config.json and the small files, the index, then (manifest.seal) the summary and the manifest last."""
     cfg = dict(ck.config.raw)
     if plan.quantization_config:
         cfg["quantization_config"] = plan.quantization_config
@@ -465,16 +504,17 @@ def _finish(ck: Checkpoint, plan: Plan, out: Path, transformers_config: bool, se
         # transformers reads model_type kimi_k2 only with remote code; K2's deploy guide sets deepseek_v3
         cfg["model_type"] = "deepseek_v3"
         cfg.pop("auto_map", None)
-    write_json(out / "config.json", cfg)
+    written = [write_json(out / "config.json", cfg)]
+    ours = ("config.json", INDEX_FILE, SUMMARY, MANIFEST)  # written here, never copied from the source
     for p in sorted(ck.path.iterdir()):
-        if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", INDEX_FILE) \
-                and not p.name.startswith(".") and p.stat().st_size < 256 * 2**20:  # fmt: skip
-            shutil.copyfile(p, out / p.name)
+        if p.is_file() and p.suffix != ".safetensors" and p.name not in ours and not p.name.startswith(".") \
+                and p.stat().st_size < 256 * 2**20:  # fmt: skip
+            written.append(copy_file(p, out / p.name))
     weight_map = {o[0]: s.file for s in plan.shards for t in s.tensors for o in t.outputs}
     summary = _summary(plan, out, seconds)
-    write_json(out / SUMMARY, summary)
-    write_json(out / INDEX_FILE, {"metadata": {"total_size": summary["bytes"]}, "weight_map": weight_map})
-    (out / JOURNAL).unlink()
+    index = {"metadata": {"total_size": summary["bytes"]}, "weight_map": weight_map}
+    written.append(write_json(out / INDEX_FILE, index))
+    seal(out, [done[s.file] for s in plan.shards] + [FileEntry.of(w, out) for w in written], summary)
     return summary
 
 

@@ -5,8 +5,11 @@ so headers are written before any data and a split set is keyed like gguf-split 
 the start. Tensors are produced one at a time, and a stacked expert tensor one expert at
 a time, so peak memory is one expert's (or one dense tensor's) float copy. Each output
 file is written to a temporary name and renamed when complete; a journal records
-finished files for --resume; the summary is written last. Output bytes depend only on
-the inputs and settings.
+finished files (size and sha256) for --resume; the summary and, last, the manifest
+(manifest.py) follow. Every byte of a file (header, metadata, tensor infos, padding,
+data) goes through a HashingFile (formats/hashed.py), so its sha256 is known when it is
+closed, and a full disk stops the run with one DiskFullError naming the file. Output
+bytes depend only on the inputs and settings.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ import torch
 from tqdm import tqdm
 
 from k2quant.formats.gguf import ARCH, add_metadata, add_tokenizer, split_kv_b, tensor_map
-from k2quant.formats.hf import write_json
+from k2quant.formats.hashed import HashingFile
 from k2quant.formats.imatrix import read_imatrix_gguf
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .convert import JOURNAL, SUMMARY, ConvertError, _prepare_out, _record, pin_imatrix, size_totals
+from .convert import ConvertError, _prepare_out, _record, pin_imatrix, size_totals
+from .manifest import FileEntry, seal
 from .names import parse_name
 from .quant import ggml
 from .recipe import K2_GGUF_MIXES, LLAMA_FTYPES, Recipe
@@ -193,8 +197,9 @@ def _run(task: tuple) -> bytes:
     return ggml.quantize(w, typ, importance, search).numpy().tobytes()
 
 
-def _write_file(ck: Checkpoint, plan: GGUFPlan, index: int, out: Path, run_map, bar) -> int:
-    """Write output file `index`; `run_map(tasks)` yields each task's bytes in order (in or out of process)."""
+def _write_file(ck: Checkpoint, plan: GGUFPlan, index: int, out: Path, run_map, bar) -> FileEntry:
+    """Write output file `index`; `run_map(tasks)` yields each task's bytes in order (in or out of process).
+    Returns its name, size and the sha256 of every byte written."""
     import gguf
 
     names = plan.file_names()
@@ -216,11 +221,14 @@ def _write_file(ck: Checkpoint, plan: GGUFPlan, index: int, out: Path, run_map, 
         row_bytes = ggml.TYPES[t.type].row_bytes(t.shape[-1])
         w.add_tensor_info(t.name, (*t.shape[:-1], row_bytes), np.dtype(np.uint8), t.nbytes,
                           raw_dtype=gguf.GGMLQuantizationType(ggml.TYPES[t.type].id))  # fmt: skip
+    fout = None
     try:
+        w.open_output_file()  # gguf-py checks its state and creates the file; the bytes go through a HashingFile
+        w.fout[0].close()
+        fout = w.fout[0] = HashingFile(tmp, path)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        fout = w.fout[0]
         per_tensor = [_tasks(t) for t in tensors]
         results = iter(run_map([task for tasks in per_tensor for task in tasks]))
         for t, tasks in zip(tensors, per_tensor, strict=True):
@@ -234,13 +242,16 @@ def _write_file(ck: Checkpoint, plan: GGUFPlan, index: int, out: Path, run_map, 
                 raise ConvertError(f"tensor '{t.name}': wrote {written} bytes, planned {t.nbytes}")
             fout.write(b"\0" * (-written % ALIGN))
             bar.update(t.source_bytes)
+        fout.sync()
         w.close()
     except BaseException:
+        if fout is not None:
+            fout.discard()  # closed without flushing what a full disk would refuse again
         w.close()
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(path)
-    return path.stat().st_size
+    return FileEntry(names[index], fout.size, fout.hexdigest())
 
 
 def convert_gguf(
@@ -295,8 +306,7 @@ def convert_gguf(
     _STATE.clear()
     bar.close()
     summary = _summary(plan, out, time.time() - t0)
-    write_json(out / SUMMARY, summary)
-    (out / JOURNAL).unlink()
+    seal(out, [done[n] for n in names], summary)
     return summary
 
 

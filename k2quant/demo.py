@@ -20,6 +20,7 @@ from .calibrate import format_summary as format_calibration
 from .convert import convert, format_summary
 from .convert_gguf import convert_gguf
 from .inspect import format_inspect, inspect_checkpoint
+from .manifest import MANIFEST
 from .recipe import build_recipe
 from .report.diff import run_diff
 from .report.render import terminal_summary, write_report
@@ -59,13 +60,13 @@ def run(out: str | Path, echo=print) -> dict:
 
     echo("\n== 3b. k2quant convert --to safetensors --preset k2-int4 --calib (routed experts INT4 g32, as K2-Thinking)")
     int4 = out / "mini-k2-int4"
-    _run_or_reuse(int4, int4 / "model.safetensors.index.json", echo, lambda: format_summary(
+    _run_or_reuse(int4, int4 / MANIFEST, echo, lambda: format_summary(
         convert(fp8, int4, build_recipe("k2-int4"), transformers_config=True, progress=False,
                 imatrix=calib / "imatrix.gguf")))  # fmt: skip
 
     echo("\n== 3c. k2quant convert --to gguf --preset q4_k_m --calib (llama.cpp, one pass from FP8)")
     gguf_dir = out / "mini-k2-gguf"
-    _run_or_reuse(gguf_dir, gguf_dir / "k2quant_convert.json", echo, lambda: format_summary(
+    _run_or_reuse(gguf_dir, gguf_dir / MANIFEST, echo, lambda: format_summary(
         convert_gguf(fp8, gguf_dir, build_recipe("q4_k_m", target="gguf"), progress=False,
                      imatrix=calib / "imatrix.gguf", name="mini-k2-Q4_K_M")))  # fmt: skip
     gguf_file = gguf_dir / "mini-k2-Q4_K_M.gguf"

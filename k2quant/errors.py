@@ -1,4 +1,4 @@
-"""Errors k2quant raises on bad input.
+"""Errors k2quant raises on bad input (and on a full disk).
 
 Every error names the file, tensor or field at fault, so a user with a 1 TB checkpoint
 can find the one broken piece without a debugger.
@@ -34,3 +34,18 @@ class CheckpointError(K2QuantError):
         super().__init__(f"{prefix}: {message}" if prefix else message)
         self.file = file
         self.tensor = tensor
+
+
+class DiskFullError(K2QuantError):
+    """A write failed because the disk (or a quota) is full; names the file being written."""
+
+    def __init__(self, file: str, detail: str = ""):
+        super().__init__(
+            f"{file}: disk full: no space left on the device to write this file{detail}; free space and run "
+            "the command again (k2quant convert: with --resume, to keep the finished files)"
+        )
+        self.file = file
+        self.detail = detail
+
+    def __reduce__(self):  # rebuilt from its own arguments when it crosses a process boundary
+        return type(self), (self.file, self.detail)
