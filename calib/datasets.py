@@ -7,7 +7,13 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+from k2quant.errors import K2QuantError
 from k2quant.formats.tokenizer import render_chat
+
+
+class DataError(K2QuantError, ValueError):
+    """A calibration or evaluation text file that cannot be read; names the file (and line).
+    A ValueError too, as these errors were before."""
 
 
 def bundled_texts(render: Callable[[list[dict], list[dict] | None], str] | None = None) -> dict[str, str]:
@@ -42,17 +48,24 @@ def jsonl_documents(text: str, source: str = "<jsonl>",
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{source}:{lineno}: not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # ValueError: not JSON, an int of 5000 digits
+            raise DataError(f"{source}:{lineno}: not valid JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{source}:{lineno}: expected an object with a 'text' or 'messages' field")
         if "text" in obj:
+            if not isinstance(obj["text"], str):
+                raise DataError(f"{source}:{lineno}: 'text' is a {type(obj['text']).__name__}, not a string")
             docs.append(obj["text"])
         elif "messages" in obj:
-            if render is None:
-                docs.append(render_chat(obj["messages"], obj.get("tools"), add_generation_prompt=False))
-            else:
-                docs.append(render(obj["messages"], obj.get("tools")))
+            try:
+                if render is None:
+                    docs.append(render_chat(obj["messages"], obj.get("tools"), add_generation_prompt=False))
+                else:
+                    docs.append(render(obj["messages"], obj.get("tools")))
+            except K2QuantError as e:  # the chat format's error names the template, not this line
+                raise DataError(f"{source}:{lineno}: {e}") from None
         else:
-            raise ValueError(f"{source}:{lineno}: expected a 'text' or 'messages' field")
+            raise DataError(f"{source}:{lineno}: expected a 'text' or 'messages' field")
     return docs
 
 
@@ -60,7 +73,10 @@ def load_texts(paths: list[str | Path]) -> list[str]:
     """Documents from .txt (one document per file) and .jsonl files."""
     docs = []
     for p in map(Path, paths):
-        text = p.read_text(encoding="utf-8")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p}: not UTF-8 text ({e})") from None
         docs.extend(jsonl_documents(text, str(p)) if p.suffix == ".jsonl" else [text])
     return docs
 

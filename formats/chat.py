@@ -55,6 +55,7 @@ DEFAULT_SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # the names a message's reasoning arrives under; templates read the first (transformers aliases them likewise)
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+MAX_TEMPLATE_CHARS = 1 << 20  # K2's own template is 2.5 kB; the longest templates models ship are tens of kB
 _TEXT_PARTS_ONLY = 'message content must be a string or a list of {"type": "text", "text": ...} parts'
 
 K2_CHAT_TEMPLATE = r"""{#- Kimi K2 chat format with K2-Thinking's reasoning rules, written for k2quant;
@@ -339,6 +340,8 @@ def _content(c: Any) -> str:
 
 
 def _tool_calls(calls: Any) -> str:
+    if not isinstance(calls, list | tuple):
+        raise ChatTemplateError(BUILTIN, f"tool_calls must be a list, not {type(calls).__name__}")
     out = ["<|tool_calls_section_begin|>"]
     for i, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, Mapping) else None
@@ -375,6 +378,9 @@ class ChatTemplate:
             where = self.file if name == "default" else f"{self.file} (chat template {name!r})"
             if not isinstance(source, str):
                 raise ChatTemplateError(where, f"chat template is a {type(source).__name__}, not a string")
+            if len(source) > MAX_TEMPLATE_CHARS:  # jinja compiles about 100 kB a second: 100 MB would be minutes
+                raise ChatTemplateError(where, f"chat template is {len(source)} characters, more than the "
+                                               f"{MAX_TEMPLATE_CHARS} k2quant compiles")  # fmt: skip
             compiled[name] = _compile(source, where)
         object.__setattr__(self, "_compiled", compiled)
 

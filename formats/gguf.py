@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -241,7 +243,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
-def _merge_parts(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[bytes, bytes]:
+def _merge_parts(ranks: dict[bytes, int], token: bytes, rank: int, source: str = "tiktoken.model"
+                 ) -> tuple[bytes, bytes]:  # fmt: skip
     """The two tokens BPE merges into `token`: run the merges of lower rank over its bytes."""
     parts = [bytes([b]) for b in token]
     while len(parts) > 2:
@@ -255,7 +258,7 @@ def _merge_parts(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[byte
         i = best[0]
         parts[i : i + 2] = [parts[i] + parts[i + 1]]
     if len(parts) != 2:
-        raise GGUFError(f"tiktoken.model: token {token!r} (rank {rank}) is not a merge of two lower-ranked tokens")
+        raise GGUFError(f"{source}: token {token!r} (rank {rank}) is not a merge of two lower-ranked tokens")
     return parts[0], parts[1]
 
 
@@ -280,7 +283,7 @@ def add_tokenizer(w, tok_dir: str | Path, vocab_size: int) -> None:
         tokens[r] = "".join(enc[c] for c in b)
         types[r] = gguf.TokenType.NORMAL
         if len(b) > 1:
-            a, c = _merge_parts(ranks, b, r)
+            a, c = _merge_parts(ranks, b, r, str(d / TIKTOKEN_FILE))
             merges.append("".join(enc[x] for x in a) + " " + "".join(enc[x] for x in c))
     specials = tok.encoding._special_tokens
     for s, i in specials.items():
@@ -312,6 +315,157 @@ def add_tokenizer(w, tok_dir: str | Path, vocab_size: int) -> None:
 
 
 # ---------------------------------------------------------------------------- reading
+# gguf-py's GGUFReader believes every count and length in a file: a kv_count, an array length or a
+# dimension that lies makes it loop, allocate or index for as long as the number says. Every GGUF
+# reader here walks the header with check_gguf first, bounded by the file's size, and refuses what
+# llama.cpp's gguf.cpp refuses (nested arrays, more than 4 dims, unaligned or out-of-file data).
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY, _GGUF_UINT32 = 8, 9, 4
+_GGML_MAX_DIMS = 4
+_INT64_MAX = 2**63 - 1
+
+
+@dataclass
+class GGUFHeader:
+    """What check_gguf read: the version, scalar and string KVs (arrays: their length), tensor infos."""
+
+    version: int
+    kv: dict[str, object]
+    tensors: dict[str, tuple[tuple[int, ...], int, int, int]]  # name -> (dims in ggml order, type, offset, nbytes)
+    alignment: int
+    data_offset: int
+
+
+def check_gguf(path: str | Path, error: type[K2QuantError] | None = None) -> GGUFHeader:
+    """Walk a GGUF file's header, checking every count, length, type and offset against the file, before
+    gguf-py reads it. Raises `error` (GGUFError by default) naming the file and what is wrong."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    err = error or GGUFError
+    sizes = {int(k): v for k, v in GGML_QUANT_SIZES.items()}
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            if size < 24:
+                raise err(f"{path}: {size} bytes, too short for a GGUF header")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                return _walk_gguf(m, size, path, err, sizes)
+    except OSError as e:
+        raise err(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _walk_gguf(m, size: int, path: Path, err, sizes: dict[int, tuple[int, int]]) -> GGUFHeader:
+    pos = 0
+
+    def bad(msg: str) -> K2QuantError:
+        return err(f"{path}: {msg}")
+
+    def take(fmt: str, what: str):
+        nonlocal pos
+        n = struct.calcsize(fmt)
+        if pos + n > size:
+            raise bad(f"{what} at byte {pos} runs past the end of the file ({size} bytes): truncated")
+        v = struct.unpack_from(fmt, m, pos)[0]
+        pos += n
+        return v
+
+    def text(what: str, decode: bool = True) -> str | None:
+        nonlocal pos
+        n = take("<Q", f"length of {what}")
+        if n > size - pos:
+            raise bad(f"{what} at byte {pos - 8} claims {n} bytes, past the end of the file ({size} bytes)")
+        pos += n
+        if not decode:
+            return None
+        try:
+            return m[pos - n : pos].decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad(f"{what} at byte {pos - n} is not UTF-8") from None
+
+    if m[:4] != b"GGUF":
+        raise bad(f"not a GGUF file (magic {bytes(m[:4])!r})")
+    pos = 4
+    version = take("<I", "version")
+    if version not in (2, 3):
+        hint = " (a big-endian file?)" if version & 0xFFFF == 0 else ""
+        raise bad(f"GGUF version {version}{hint}: k2quant reads versions 2 and 3")
+    n_tensors = take("<Q", "tensor count")
+    n_kv = take("<Q", "KV count")
+    # the least a KV takes is 13 bytes (key length, type, a 1-byte value), a tensor info 24
+    if n_kv * 13 + n_tensors * 24 > size - pos:
+        raise bad(f"header claims {n_kv} KVs and {n_tensors} tensors, more than the file's {size} bytes can hold")
+    kv: dict[str, object] = {}
+    types: dict[str, int] = {}
+    for i in range(n_kv):
+        key = text(f"key of KV {i}")
+        if key in kv:
+            raise bad(f"KV '{key}' appears twice")
+        vtype = take("<I", f"type of KV '{key}'")
+        if vtype in _GGUF_SCALARS:
+            kv[key] = take(_GGUF_SCALARS[vtype], f"value of KV '{key}'")
+        elif vtype == _GGUF_STRING:
+            kv[key] = text(f"value of KV '{key}'")
+        elif vtype == _GGUF_ARRAY:
+            itype = take("<I", f"item type of KV '{key}'")
+            n = take("<Q", f"length of KV '{key}'")
+            if itype in _GGUF_SCALARS:
+                nbytes = n * struct.calcsize(_GGUF_SCALARS[itype])
+                if nbytes > size - pos:
+                    raise bad(f"KV '{key}' claims {n} items, past the end of the file ({size} bytes)")
+                pos += nbytes
+            elif itype == _GGUF_STRING:
+                if n * 8 > size - pos:
+                    raise bad(f"KV '{key}' claims {n} strings, past the end of the file ({size} bytes)")
+                for j in range(n):
+                    text(f"item {j} of KV '{key}'", decode=False)
+            elif itype == _GGUF_ARRAY:
+                raise bad(f"KV '{key}' is an array of arrays, which GGUF readers do not support")
+            else:
+                raise bad(f"KV '{key}' has arrays of unknown type {itype}")
+            kv[key] = n
+        else:
+            raise bad(f"KV '{key}' has unknown type {vtype}")
+        types[key] = vtype
+    alignment = kv.get("general.alignment", 32)
+    if "general.alignment" in kv and types["general.alignment"] != _GGUF_UINT32:
+        raise bad("general.alignment is not a uint32")
+    if alignment == 0 or alignment & (alignment - 1):
+        raise bad(f"general.alignment {alignment} is not a power of two")
+    infos = []
+    for i in range(n_tensors):
+        name = text(f"name of tensor {i}")
+        n_dims = take("<I", f"dimension count of tensor '{name}'")
+        if n_dims > _GGML_MAX_DIMS:
+            raise bad(f"tensor '{name}' has {n_dims} dimensions, more than GGUF's {_GGML_MAX_DIMS}")
+        dims = tuple(take("<Q", f"dimensions of tensor '{name}'") for _ in range(n_dims))
+        ttype = take("<I", f"type of tensor '{name}'")
+        offset = take("<Q", f"data offset of tensor '{name}'")
+        infos.append((name, dims, ttype, offset))
+    data_offset = pos + (-pos % alignment)
+    tensors: dict[str, tuple[tuple[int, ...], int, int, int]] = {}
+    for name, dims, ttype, offset in infos:
+        if name in tensors:
+            raise bad(f"tensor '{name}' appears twice")
+        if ttype not in sizes:
+            raise bad(f"tensor '{name}' has unknown type {ttype}")
+        block, type_size = sizes[ttype]
+        numel = math.prod(dims)
+        if any(d > _INT64_MAX for d in dims) or numel > _INT64_MAX:
+            raise bad(f"tensor '{name}' has dimensions {list(dims)}, too large")
+        if block > 1 and (not dims or dims[0] % block):
+            raise bad(f"tensor '{name}': rows of {dims[0] if dims else 1} values do not fit type {ttype}'s "
+                      f"blocks of {block}")  # fmt: skip
+        nbytes = numel // block * type_size
+        if offset % alignment:
+            raise bad(f"tensor '{name}' data offset {offset} is not a multiple of the alignment {alignment}")
+        if data_offset + offset + nbytes > size:
+            raise bad(f"tensor '{name}' data ends at byte {data_offset + offset + nbytes}, past the end of the "
+                      f"file ({size} bytes): truncated")  # fmt: skip
+        tensors[name] = (dims, ttype, offset, nbytes)
+    return GGUFHeader(version, kv, tensors, alignment, data_offset)
+
+
 def gguf_files(path: str | Path) -> list[Path]:
     """The file(s) of a GGUF model: a .gguf file (the first of a gguf-split set brings the rest)
     or a directory holding one model."""
@@ -328,6 +482,8 @@ def gguf_files(path: str | Path) -> list[Path]:
     if not m:
         return [p]
     n = int(m.group(3))
+    if not 1 <= int(m.group(2)) <= n:
+        raise GGUFError(f"{p}: split file {int(m.group(2))} of {n} cannot be")
     files = [p.with_name(f"{m.group(1)}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
     for f in files:
         if not f.is_file():
@@ -339,7 +495,16 @@ def _field(r, key: str, default=None):
     f = r.fields.get(key)
     if f is None:
         return default
-    return f.contents()
+    try:
+        return f.contents()
+    except (ValueError, IndexError) as e:  # a string that is not UTF-8, an array of mixed parts
+        raise GGUFError(
+            f"{getattr(r.data, 'filename', 'GGUF file')}: metadata key '{key}' cannot be read ({e})"
+        ) from None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def config_from_gguf(r, source: str) -> K2Config:
@@ -362,10 +527,14 @@ def config_from_gguf(r, source: str) -> K2Config:
     k_mla, v_mla = _field(r, f"{a}.attention.key_length_mla"), _field(r, f"{a}.attention.value_length_mla")
     if not k_mla or not v_mla:
         raise GGUFError(f"{source}: no *_mla key lengths (a legacy attn_kv_b file); convert it again with llama.cpp")
+    for key, v in (("rope.dimension_count", rope_dim), ("attention.key_length_mla", k_mla)):
+        if not _is_int(v):
+            raise GGUFError(f"{source}: metadata key '{a}.{key}' is {v!r}, not an integer")
     n_layer = need("block_count")
+    tokens = _field(r, "tokenizer.ggml.tokens", [])
     data = {
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2",
-        "vocab_size": _field(r, f"{a}.vocab_size") or len(_field(r, "tokenizer.ggml.tokens", [])),
+        "vocab_size": _field(r, f"{a}.vocab_size") or (len(tokens) if isinstance(tokens, list) else None),
         "hidden_size": need("embedding_length"), "intermediate_size": need("feed_forward_length"),
         "moe_intermediate_size": need("expert_feed_forward_length"), "num_hidden_layers": n_layer,
         "num_attention_heads": need("attention.head_count"), "num_key_value_heads": need("attention.head_count"),
@@ -383,7 +552,12 @@ def config_from_gguf(r, source: str) -> K2Config:
         "tie_word_embeddings": False,
     }  # fmt: skip
     if _field(r, f"{a}.rope.scaling.type") == "yarn":
-        mscale = (_field(r, f"{a}.rope.scaling.yarn_log_multiplier", 0.0) or 0.0) / 0.1
+        mscale = _field(r, f"{a}.rope.scaling.yarn_log_multiplier", 0.0) or 0.0
+        if not isinstance(mscale, int | float):
+            raise GGUFError(
+                f"{source}: metadata key '{a}.rope.scaling.yarn_log_multiplier' is {mscale!r}, not a number"
+            )
+        mscale /= 0.1
         data["rope_scaling"] = {
             "type": "yarn", "factor": need("rope.scaling.factor"),
             "original_max_position_embeddings": need("rope.scaling.original_context_length"),
@@ -488,11 +662,13 @@ def open_gguf(path: str | Path) -> GGUFCheckpoint:
     import gguf
 
     files = gguf_files(path)
+    headers = [check_gguf(f) for f in files]
+    _check_split(files, headers)
     readers = []
     for f in files:
         try:
             readers.append(gguf.GGUFReader(str(f)))
-        except (OSError, ValueError, IndexError) as e:
+        except (OSError, ValueError, IndexError, KeyError) as e:
             raise GGUFError(f"{f}: not a readable GGUF file ({e})") from None
     cfg = config_from_gguf(readers[0], str(files[0]))
     by_gguf: dict = {}
@@ -503,10 +679,15 @@ def open_gguf(path: str | Path) -> GGUFCheckpoint:
                 raise GGUFError(
                     f"{files[i]}: tensor '{t.name}' has type {t.tensor_type.name}, which k2quant cannot decode"
                 )
+            if t.name in by_gguf:
+                raise GGUFError(f"{files[i]}: tensor '{t.name}' is also in {files[shard_of[t.name]].name}")
             by_gguf[t.name] = t
             shard_of[t.name] = i
+    _check_counts(cfg, by_gguf, files[0])
+    expected = tensor_map(cfg)
+    want = {gt.name: gt.shape for gt in expected}
     tensors: dict[str, GGUFTensorInfo] = {}
-    for gt in tensor_map(cfg):
+    for gt in expected:
         if gt.kind in ("k_b", "v_b"):
             if gt.kind == "v_b":
                 continue
@@ -517,6 +698,10 @@ def open_gguf(path: str | Path) -> GGUFCheckpoint:
             for p in parts:
                 if p not in by_gguf:
                     raise GGUFError(f"{files[0]}: tensor '{p}' missing")
+                got = tuple(int(x) for x in reversed(by_gguf[p].shape.tolist()))
+                if got != want[p]:
+                    raise GGUFError(f"{files[shard_of[p]]}: tensor '{p}' has shape {list(got)}, "
+                                    f"the metadata implies {list(want[p])}")  # fmt: skip
             nbytes = sum(int(by_gguf[p].n_bytes) for p in parts)
             H, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
             tensors[gt.sources[0]] = GGUFTensorInfo(gt.sources[0], prefix, _type(by_gguf[parts[0]]),
@@ -541,6 +726,37 @@ def open_gguf(path: str | Path) -> GGUFCheckpoint:
             src = gt.sources[0] if gt.name != "output.weight" else "lm_head.weight"
             tensors[src] = GGUFTensorInfo(src, t.name, _type(t), gt.shape, int(t.n_bytes), shard_of[t.name])
     return GGUFCheckpoint(files[0], cfg, files, tensors, readers, by_gguf)
+
+
+def _check_split(files: list[Path], headers: list[GGUFHeader]) -> None:
+    """A gguf-split set's own keys (when present) agree with the files found: split.no, split.count, and
+    split.tensors.count, the tensors of all files together."""
+    total = sum(len(h.tensors) for h in headers)
+    for i, (f, h) in enumerate(zip(files, headers, strict=True)):
+        no, count, n_tensors = (h.kv.get(k) for k in ("split.no", "split.count", "split.tensors.count"))
+        if count is not None and count != len(files) and not (count in (0, 1) and len(files) == 1):
+            raise GGUFError(f"{f}: split.count is {count!r}, but the set has {len(files)} file(s)")
+        if no is not None and no != i and len(files) > 1:
+            raise GGUFError(f"{f}: split.no is {no!r}, but this is file {i + 1} of the set (split.no {i})")
+        if n_tensors is not None and n_tensors != total and len(files) > 1:
+            raise GGUFError(f"{f}: split.tensors.count is {n_tensors!r}, but the set's files hold {total} tensors")
+
+
+def _check_counts(cfg: K2Config, by_gguf: dict, file: Path) -> None:
+    """The layer and expert counts the metadata gives, against the tensors there are: tensor_map builds
+    names for every (layer, expert), so a count that lies would otherwise cost memory before any check."""
+    if cfg.num_hidden_layers > len(by_gguf):
+        raise GGUFError(f"{file}: block_count {cfg.num_hidden_layers} is more than the {len(by_gguf)} tensors "
+                        "the file holds")  # fmt: skip
+    for i in cfg.moe_layers:
+        name = f"blk.{i}.ffn_gate_inp.weight"
+        t = by_gguf.get(name)
+        if t is None:
+            raise GGUFError(f"{file}: tensor '{name}' missing")
+        got = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if got != (cfg.n_routed_experts, cfg.hidden_size):
+            raise GGUFError(f"{file}: tensor '{name}' has shape {list(got)}, the metadata implies "
+                            f"{[cfg.n_routed_experts, cfg.hidden_size]}")  # fmt: skip
 
 
 def _type(t) -> str:

@@ -19,7 +19,7 @@ import torch
 
 from k2quant.errors import K2QuantError
 
-from .gguf import checkpoint_linear, gguf_linear
+from .gguf import check_gguf, checkpoint_linear, gguf_linear
 
 
 class ImatrixError(K2QuantError):
@@ -72,15 +72,30 @@ def write_imatrix(
 def _open_imatrix(path: str | Path):
     import gguf
 
-    try:
-        r = gguf.GGUFReader(str(path))
-    except (OSError, ValueError) as e:
-        raise ImatrixError(f"{path}: not a readable GGUF file ({e})") from None
-    field = r.fields.get("general.type")
-    kind = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    header = check_gguf(path, ImatrixError)  # gguf-py trusts the header's counts and lengths
+    kind = header.kv.get("general.type")
     if kind != "imatrix":
         raise ImatrixError(f"{path}: general.type is {kind!r}, not 'imatrix'")
+    try:
+        r = gguf.GGUFReader(str(path))
+    except (OSError, ValueError, IndexError, KeyError) as e:
+        raise ImatrixError(f"{path}: not a readable GGUF file ({e})") from None
     return r
+
+
+def _sums_and_counts(path, t, c) -> tuple[np.ndarray, np.ndarray]:
+    """(in_sum2 [nmat, n_in], counts [nmat]) of one matrix's F32 tensors, checked against each other."""
+    for x in (t, c):
+        if x.tensor_type.name != "F32":
+            raise ImatrixError(f"{path}: tensor '{x.name}' is {x.tensor_type.name}, not F32")
+    cnt = np.asarray(c.data, dtype=np.float64).reshape(-1)
+    sums = np.asarray(t.data)
+    if not len(cnt) or sums.size % len(cnt):
+        raise ImatrixError(f"{path}: tensor '{t.name}' ({sums.size} values) does not split into the "
+                           f"{len(cnt)} matrices of '{c.name}'")  # fmt: skip
+    if not ((cnt >= 0) & (cnt < 2**53)).all() or not np.isfinite(sums).all():
+        raise ImatrixError(f"{path}: tensor '{t.name}' or '{c.name}' holds NaN, Inf or a count that cannot be")
+    return sums.reshape(len(cnt), -1), cnt
 
 
 def read_imatrix_gguf(path: str | Path, names: set[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -95,8 +110,8 @@ def read_imatrix_gguf(path: str | Path, names: set[str]) -> dict[str, tuple[np.n
             continue
         if c is None:
             raise ImatrixError(f"{path}: tensor '{name}.in_sum2' has no matching '{name}.counts'")
-        cnt = np.asarray(c.data, dtype=np.float64).reshape(-1)
-        out[name] = (np.asarray(t.data, dtype=np.float32).reshape(len(cnt), -1), cnt)
+        sums, cnt = _sums_and_counts(path, t, c)
+        out[name] = (np.asarray(sums, dtype=np.float32), cnt)
     return out
 
 
@@ -114,8 +129,8 @@ def read_imatrix(path: str | Path, modules: set[str] | None = None) -> tuple[dic
         c = tensors.get(base + ".counts")
         if c is None:
             raise ImatrixError(f"{path}: tensor '{tname}' has no matching '{base}.counts'")
-        cnt = np.asarray(c.data, dtype=np.float64).reshape(-1)
-        sums = np.asarray(t.data, dtype=np.float64).reshape(len(cnt), -1)
+        sums, cnt = _sums_and_counts(path, t, c)
+        sums = np.asarray(sums, dtype=np.float64)
         for e in range(len(cnt)):
             module = checkpoint_linear(base, e if len(cnt) > 1 or "_exps" in base else None)
             if module is None or (modules is not None and module not in modules):

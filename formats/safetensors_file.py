@@ -83,13 +83,15 @@ class SafetensorsFile:
             raise CheckpointError("is a directory, not a safetensors file", str(self.path)) from None
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, an int of 5000 digits
             raise CheckpointError(f"header is not valid JSON ({e})", str(self.path)) from None
         if not isinstance(header, dict):
             raise CheckpointError("header is not a JSON object", str(self.path))
         self.file_size = size
         self.data_start = 8 + n
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        if not (isinstance(self.metadata, dict) and all(isinstance(v, str) for v in self.metadata.values())):
+            raise CheckpointError("__metadata__ is not an object of strings", str(self.path))
         self.tensors: dict[str, TensorInfo] = {}
         data_len = size - self.data_start
         for name, entry in header.items():
@@ -101,13 +103,16 @@ class SafetensorsFile:
 
         if not isinstance(entry, dict):
             raise bad("header entry is not an object")
-        dtype = DTYPES.get(entry.get("dtype"))
+        dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
         if dtype is None:
             raise bad(f"unsupported dtype {entry.get('dtype')!r}")
         shape = entry.get("shape")
         offsets = entry.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise bad(f"bad shape {shape!r}")
+        # torch sizes are int64, and it refuses a zero-size shape whose other dimensions overflow
+        if math.prod(d for d in shape if d) > 2**63 - 1:
+            raise bad(f"shape {shape!r} is too large")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
             raise bad(f"bad data_offsets {offsets!r}")
         begin, end = offsets

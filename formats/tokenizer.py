@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tiktoken
-from tiktoken.load import load_tiktoken_bpe
+
+from k2quant.errors import K2QuantError
 
 # K2's chat format lives in chat.py (beside the Jinja template it must agree with); re-exported here
 from k2quant.formats.chat import render_chat as render_chat
@@ -58,6 +59,13 @@ SPECIAL_OFFSETS = {
 }
 TIKTOKEN_FILE = "tiktoken.model"
 CONFIG_FILE = "tokenizer_config.json"
+
+
+MAX_SPECIAL_CHARS = 64  # K2's longest special token, <|tool_calls_section_begin|>, has 28
+
+
+class TokenizerError(K2QuantError):
+    """tiktoken.model or tokenizer_config.json cannot be used; names the file."""
 
 
 def special_tokens(num_base: int) -> dict[str, int]:
@@ -106,21 +114,94 @@ class K2Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> K2Tokenizer:
-    """Load tiktoken.model (and the special-token names from tokenizer_config.json if present)."""
+    """Load tiktoken.model (and the special-token names from tokenizer_config.json if present).
+    FileNotFoundError without tiktoken.model; TokenizerError, naming the file, for one k2quant cannot use."""
     d = Path(path)
-    ranks = load_tiktoken_bpe(str(d / TIKTOKEN_FILE))
+    ranks = read_ranks(d / TIKTOKEN_FILE)
     num_base = len(ranks)
     specials = special_tokens(num_base)
     cfg_path = d / CONFIG_FILE
     if cfg_path.exists():
-        decoder = json.loads(cfg_path.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
-        if decoder:
-            by_id = {v: k for k, v in specials.items()}
-            for sid, entry in decoder.items():
-                by_id[int(sid)] = entry["content"] if isinstance(entry, dict) else str(entry)
-            specials = {tok: i for i, tok in by_id.items()}
-    enc = tiktoken.Encoding(name=d.name or "k2", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=specials)
+        specials = _config_specials(cfg_path, specials, num_base)
+        missing = [t for t in ("[BOS]", "[EOS]", "<|im_end|>") if t not in specials]
+        if missing:  # K2Tokenizer.bos_id, eos_id and im_end_id look them up by name
+            raise TokenizerError(
+                f"{cfg_path}: added_tokens_decoder leaves no {missing[0]} token, which K2's format needs"
+            )
+    try:
+        enc = tiktoken.Encoding(name=d.name or "k2", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=specials)
+    except ValueError as e:  # its regex of the special tokens grows past the regex engine's size limit
+        raise TokenizerError(
+            f"{cfg_path if cfg_path.exists() else d / TIKTOKEN_FILE}: tiktoken refuses it ({e})"
+        ) from None
     return K2Tokenizer(enc, num_base)
+
+
+def read_ranks(path: Path) -> dict[bytes, int]:
+    """tiktoken.model's `<base64 token> <rank>` lines, parsed as tiktoken parses them, then checked: tiktoken
+    panics (a pyo3 PanicException, not an Exception) on ranks that repeat and on bytes it has no token for;
+    K2's special tokens take the ids after the ranks, so the ranks must be 0 .. n-1.
+
+    Read here, not by tiktoken's load_tiktoken_bpe: that keeps a copy of every file it reads in a cache keyed
+    by the file's path ($TIKTOKEN_CACHE_DIR, else /tmp/data-gym-cache) and reads the copy from then on, so a
+    tiktoken.model edited or replaced at the same path would go unseen."""
+    data = path.read_bytes()
+    ranks: dict[bytes, int] = {}
+    for lineno, line in enumerate(data.splitlines(), start=1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            tok, r = base64.b64decode(token), int(rank)
+        except ValueError:  # not two fields, bad base64 padding (binascii.Error), a rank that is no int
+            raise TokenizerError(f"{path}:{lineno}: expected '<base64 token> <rank>', got {line[:80]!r}") from None
+        if tok in ranks:
+            raise TokenizerError(f"{path}:{lineno}: token {tok!r} listed twice (ranks {ranks[tok]} and {r})")
+        ranks[tok] = r
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(f"{path}: the ranks are not 0 .. {len(ranks) - 1}, each once")
+    # tiktoken panics on a byte it has no token for; text holds every byte but those UTF-8 never uses
+    missing = [b for b in range(256) if bytes([b]) not in ranks and b not in _NOT_IN_UTF8]
+    if missing:
+        raise TokenizerError(
+            f"{path}: no token for byte {missing[0]} ({len(missing)} bytes missing): not byte-level BPE"
+        )
+    return ranks
+
+
+_NOT_IN_UTF8 = {0xC0, 0xC1, *range(0xF5, 0x100)}
+
+
+def _config_specials(cfg_path: Path, specials: dict[str, int], num_base: int) -> dict[str, int]:
+    """K2's special tokens renamed by tokenizer_config.json's added_tokens_decoder (ids num_base .. +255)."""
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, an int of 5000 digits
+        raise TokenizerError(f"{cfg_path}: not valid JSON ({e})") from None
+    decoder = cfg.get("added_tokens_decoder") if isinstance(cfg, dict) else None
+    if not isinstance(cfg, dict) or not isinstance(decoder, dict | None):
+        raise TokenizerError(f"{cfg_path}: not a JSON object with an added_tokens_decoder object")
+    if not decoder:
+        return specials
+    by_id = {v: k for k, v in specials.items()}
+    for sid, entry in decoder.items():
+        content = entry.get("content") if isinstance(entry, dict) else entry
+        if not (sid.isascii() and sid.isdigit() and num_base <= int(sid) < num_base + NUM_RESERVED_SPECIAL):
+            raise TokenizerError(f"{cfg_path}: added_tokens_decoder id {sid!r} is not one of the special ids "
+                                 f"{num_base} .. {num_base + NUM_RESERVED_SPECIAL - 1}")  # fmt: skip
+        # an empty special token makes tiktoken's encoder loop forever, long ones make its regex of them too
+        # large to build (memory first); a lone surrogate cannot be encoded
+        if not isinstance(content, str) or not 0 < len(content) <= MAX_SPECIAL_CHARS:
+            raise TokenizerError(f"{cfg_path}: added_tokens_decoder {sid}: content {content!r:.100} is not a token")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TokenizerError(f"{cfg_path}: added_tokens_decoder {sid}: content {content!r} is not UTF-8") from None
+        by_id[int(sid)] = content
+    out = {tok: i for i, tok in by_id.items()}
+    if len(out) != len(by_id):
+        raise TokenizerError(f"{cfg_path}: added_tokens_decoder gives two special ids the same content")
+    return out
 
 
 # ---------------------------------------------------------------------------- training

@@ -218,6 +218,15 @@ def open_checkpoint(path: str | Path, *, strict: bool = True) -> Checkpoint:
         physical[name] = sf.tensors[name]
     # shard order, then the order inside each shard's header
     physical = dict(sorted(physical.items(), key=lambda kv: (shard_index[kv[1].file], kv[1].start)))
+    # expected_shapes names every (layer, expert): a config.json whose counts lie would cost memory and time
+    # before any check, so its size is bounded by what is stored (with room for partial checkpoints)
+    n_expected = _expected_count(config)
+    if n_expected > 4 * len(physical) + 100_000:
+        raise CheckpointError(
+            f"implies {n_expected} tensors ({config.num_hidden_layers} layers, {config.n_routed_experts} routed "
+            f"experts), far more than the {len(physical)} the checkpoint stores",
+            str(root / "config.json"),
+        )
     expected = expected_shapes(config)
     tensors = _logical_tensors(physical, shard_index, config, expected)
     extra = [n for n in tensors if n not in expected]
@@ -236,6 +245,14 @@ def open_checkpoint(path: str | Path, *, strict: bool = True) -> Checkpoint:
     return Checkpoint(root, config, shard_paths, tensors, extra)
 
 
+def _expected_count(c: K2Config) -> int:
+    """len(expected_shapes(c)), counted without building it."""
+    attn = 2 + (3 if c.q_lora_rank is not None else 1) + 4
+    dense = min(c.first_k_dense_replace, c.num_hidden_layers)
+    moe = attn + 2 + (3 if c.n_shared_experts else 0) + 3 * c.n_routed_experts
+    return 2 + (0 if c.tie_word_embeddings else 1) + dense * (attn + 3) + (c.num_hidden_layers - dense) * moe
+
+
 def _shard_sort_key(p: Path) -> tuple[int, str]:
     m = _SHARD_NUM.search(p.name)
     return (int(m.group(1)) if m else 0, p.name)
@@ -250,7 +267,7 @@ def _read_weight_map(root: Path) -> dict[str, Path]:
         return {name: single for name in SafetensorsFile(single).tensors}
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, an int of 5000 digits
         raise CheckpointError(f"not valid JSON ({e})", str(index)) from None
     wmap = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wmap, dict) or not wmap:
@@ -269,7 +286,12 @@ def _read_weight_map(root: Path) -> dict[str, Path]:
                     f"weight_map names {fname!r}, which is outside the checkpoint directory", str(index), name
                 )
             target = root / p
-            if not target.is_file():
+            try:
+                found = target.is_file()
+            except OSError as e:  # a name too long for the file system, say
+                raise CheckpointError(f"shard {fname!r} listed in the index cannot be opened ({e.strerror})",
+                                      str(index), name) from None  # fmt: skip
+            if not found:
                 raise CheckpointError(f"shard {fname!r} listed in the index is missing", str(root / p), name)
             resolved[fname] = root / p
         out[name] = resolved[fname]

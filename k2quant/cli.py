@@ -363,15 +363,10 @@ def runner_options(f):
 
 def _run_options(device, gpu_memory, hotness, static, threads, ctx, mode, ram_bandwidth, prefix_cache=1):
     from .runner.console import parse_bytes
-    from .runner.placement import read_hotness
+    from .runner.placement import load_hotness
     from .runner.runner import RunOptions
 
-    hot = None
-    if hotness:
-        try:
-            hot = read_hotness(json.loads(Path(hotness).read_text(encoding="utf-8")))
-        except (ValueError, AttributeError) as e:
-            raise K2QuantError(f"{hotness}: not a hotness.json ({e})") from None
+    hot = load_hotness(hotness) if hotness else None
     return RunOptions(
         device=device,
         gpu_memory=parse_bytes(gpu_memory, "--gpu-memory") if gpu_memory else None,

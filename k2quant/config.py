@@ -128,7 +128,7 @@ class K2Config:
             raise ConfigError("config.json", "file not found", str(path))
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, an int of 5000 digits
             raise ConfigError("config.json", f"not valid JSON ({e})", str(path)) from None
         return cls.from_dict(data, source=str(path))
 
@@ -230,15 +230,18 @@ def _read_rope(data: dict[str, Any], max_pos: int, source: str | None) -> RopeCo
     params = data.get("rope_parameters")
     field_name = "rope_parameters"
     if params is None:
-        params = dict(data.get("rope_scaling") or {})
+        params = data.get("rope_scaling") or {}
         field_name = "rope_scaling"
+        if not isinstance(params, dict):
+            raise ConfigError(field_name, f"expected an object, got {params!r}", source)
+        params = dict(params)
         if "rope_theta" in data:
             params.setdefault("rope_theta", data["rope_theta"])
     if not isinstance(params, dict):
         raise ConfigError(field_name, f"expected an object, got {params!r}", source)
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     theta = params.get("rope_theta", data.get("rope_theta", 10000.0))
-    if not isinstance(theta, (int, float)) or theta <= 0:
+    if not isinstance(theta, (int, float)) or not theta > 0 or not math.isfinite(theta):
         raise ConfigError(f"{field_name}.rope_theta", f"must be a positive number, got {theta!r}", source)
     if rope_type == "default":
         return RopeConfig(theta=float(theta))
@@ -246,14 +249,14 @@ def _read_rope(data: dict[str, Any], max_pos: int, source: str | None) -> RopeCo
         raise ConfigError(f"{field_name}.type", f"RoPE type {rope_type!r} is not supported (default or yarn)", source)
     factor = params.get("factor")
     orig = params.get("original_max_position_embeddings", data.get("original_max_position_embeddings", max_pos))
-    if factor is None:
-        factor = max_pos / orig
-    if not isinstance(factor, (int, float)) or factor <= 0:
-        raise ConfigError(f"{field_name}.factor", f"must be a positive number, got {factor!r}", source)
     if not isinstance(orig, int) or orig <= 0:
         raise ConfigError(
             f"{field_name}.original_max_position_embeddings", f"must be a positive integer, got {orig!r}", source
         )
+    if factor is None:
+        factor = max_pos / orig
+    if not isinstance(factor, (int, float)) or not factor > 0 or not math.isfinite(factor):
+        raise ConfigError(f"{field_name}.factor", f"must be a positive number, got {factor!r}", source)
 
     def num(key: str, default: float | None) -> float | None:
         v = params.get(key)
@@ -313,3 +316,23 @@ def _check_consistency(c: K2Config, source: str | None) -> None:
                 bad("quantization_config.weight_block_size", f"expected [rows, cols], got {block!r}")
             if q.get("fmt", "e4m3") != "e4m3":
                 bad("quantization_config.fmt", f"{q.get('fmt')!r} is not supported (e4m3)")
+        else:
+            _check_config_groups(q.get("config_groups") or {}, bad)
+
+
+def _check_config_groups(groups: Any, bad) -> None:
+    """The parts of compressed-tensors' config_groups the checkpoint reader relies on (objects, block shapes)."""
+    if not isinstance(groups, dict):
+        bad("quantization_config.config_groups", f"expected an object, got {groups!r}")
+    for name, group in groups.items():
+        where = f"quantization_config.config_groups.{name}"
+        if group is not None and not isinstance(group, dict):
+            bad(where, f"expected an object, got {group!r}")
+        w = (group or {}).get("weights")
+        if w is None:
+            continue
+        if not isinstance(w, dict):
+            bad(where + ".weights", f"expected an object, got {w!r}")
+        b = w.get("block_structure")
+        if b is not None and not (isinstance(b, list) and len(b) == 2 and all(type(x) is int and x > 0 for x in b)):
+            bad(where + ".weights.block_structure", f"expected [rows, cols], got {b!r}")

@@ -68,7 +68,7 @@ from .memory import meminfo
 from .names import expected_shapes, parse_name
 from .quant.fp8 import scale_shape
 from .recipe import GGUF_PRESETS, build_recipe
-from .runner.placement import Placement, bytes_per_token, place, read_hotness, reads_per_token, tensor_class
+from .runner.placement import Placement, bytes_per_token, load_hotness, place, reads_per_token, tensor_class
 from .runner.runner import GPU_MARGIN, WORK_BYTES_PER_TOKEN
 
 TARGETS = ("gguf", "runner")
@@ -916,10 +916,7 @@ def read_calib(calib: str | Path | None, cfg: K2Config) -> tuple[Path | None, di
     hot = None
     hf = d / "hotness.json"
     if hf.exists():
-        try:
-            hot = read_hotness(json.loads(hf.read_text(encoding="utf-8")))
-        except (ValueError, AttributeError) as e:
-            raise PlanError(f"{hf}: not a hotness.json ({e})") from None
+        hot = load_hotness(hf, PlanError)
         bad = [i for i, f in hot.items() if not cfg.is_moe(i) or i >= cfg.num_hidden_layers
                or len(f) != cfg.n_routed_experts]  # fmt: skip
         if bad:

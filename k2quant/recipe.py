@@ -89,6 +89,7 @@ class Recipe:
     preset: str
     overrides: list[tuple[re.Pattern, Scheme | str]] = field(default_factory=list)
     target: str = "safetensors"
+    source: str = ""  # the recipe file, named in errors
 
     def gguf_type(self, name: str, modules: list[str], layer: int | None, n_layer: int) -> str:
         """GGML type of a GGUF tensor (`name`, made of checkpoint `modules`): the preset's rule,
@@ -102,7 +103,8 @@ class Recipe:
                     t = typ
             chosen.add(t)
         if len(chosen) > 1:
-            raise RecipeError(f"tensor '{name}': its experts resolve to {', '.join(sorted(chosen))}; a GGUF "
+            where = f"{self.source}: " if self.source else ""
+            raise RecipeError(f"{where}tensor '{name}': its experts resolve to {', '.join(sorted(chosen))}; a GGUF "
                               "tensor stacks a layer's experts in one type, so override whole layers")  # fmt: skip
         return chosen.pop()
 
@@ -124,6 +126,10 @@ class Recipe:
                 "overrides": [[p.pattern, s if isinstance(s, str) else s.name] for p, s in self.overrides]}  # fmt: skip
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def expert_pattern(layer: int, experts: list[int]) -> str:
     ids = "|".join(str(e) for e in sorted(set(experts)))
     return rf"^model\.layers\.{layer}\.mlp\.experts\.({ids})\.(gate_proj|up_proj|down_proj)$"
@@ -140,36 +146,41 @@ def build_recipe(
         path = Path(recipe_file)
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, TOMLDecodeError
             raise RecipeError(f"{path}: cannot read recipe ({e})") from None
         preset = preset or data.get("preset")
+        source = str(path)
+        for key in ("override", "expert"):
+            if not isinstance(data.get(key, []), list):
+                raise RecipeError(f"{path}: '{key}' must be an array of tables ([[{key}]])")
         for i, o in enumerate(data.get("override", [])):
-            if not isinstance(o, dict) or "pattern" not in o or "scheme" not in o:
-                raise RecipeError(f"{path}: override #{i + 1} needs 'pattern' and 'scheme'")
+            if not isinstance(o, dict) or not isinstance(o.get("pattern"), str) or not isinstance(o.get("scheme"), str):
+                raise RecipeError(f"{path}: override #{i + 1} needs 'pattern' and 'scheme' (strings)")
             pairs.append((o["pattern"], o["scheme"], f"{path}: override #{i + 1}"))
         for i, e in enumerate(data.get("expert", [])):
-            try:
-                pat = expert_pattern(int(e["layer"]), [int(x) for x in e["experts"]])
-                pairs.append((pat, e["scheme"], f"{path}: expert #{i + 1}"))
-            except (KeyError, TypeError, ValueError):
-                raise RecipeError(f"{path}: expert #{i + 1} needs 'layer', 'experts' (a list) and 'scheme'") from None
+            ok = isinstance(e, dict) and _is_count(e.get("layer")) and isinstance(e.get("experts"), list)
+            if not (ok and all(_is_count(x) for x in e["experts"]) and isinstance(e.get("scheme"), str)):
+                raise RecipeError(f"{path}: expert #{i + 1} needs 'layer', 'experts' (a list of expert numbers) and "
+                                  "'scheme'")  # fmt: skip
+            pairs.append((expert_pattern(e["layer"], e["experts"]), e["scheme"], f"{path}: expert #{i + 1}"))
     for o in overrides:
         pat, sep, scheme = o.rpartition("=")
         if not sep or not pat:
             raise RecipeError(f"--override {o!r}: expected PATTERN=SCHEME")
         pairs.append((pat, scheme, f"--override {o!r}"))
+    where_preset = f"{recipe_file}: " if recipe_file is not None else ""
     if preset is None:
-        raise RecipeError("no preset: pass --preset or set preset in the recipe file")
+        raise RecipeError(f"{where_preset}no preset: pass --preset or set preset in the recipe file")
     presets = GGUF_PRESETS if target == "gguf" else list(PRESETS)
     if preset not in presets:
-        raise RecipeError(f"unknown preset {preset!r} for --to {target}; presets: {', '.join(presets)}")
+        raise RecipeError(f"{where_preset}unknown preset {preset!r} for --to {target}; presets: {', '.join(presets)}")
     compiled = []
     for pat, scheme, where in pairs:
         try:
             value = ggml_type(scheme).name if target == "gguf" else parse_scheme(scheme)
             compiled.append((re.compile(pat), value))
-        except re.error as e:
+        except (re.error, OverflowError, RecursionError) as e:  # a{99999999999}, ((((... 2000 deep
             raise RecipeError(f"{where}: bad pattern {pat!r} ({e})") from None
         except ValueError as e:
             raise RecipeError(f"{where}: {e}") from None
-    return Recipe(preset, compiled, target)
+    return Recipe(preset, compiled, target, source if recipe_file is not None else "")

@@ -12,6 +12,7 @@ statistics come from one pass, holding one tensor group's weights at a time.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +43,17 @@ def load_tokens(paths: list[str | Path], tokenizer_dir: str | Path) -> torch.Ten
         if not p.is_file():
             raise DiffError(f"{p}: data file not found")
         if p.suffix == ".npy":
-            ids.extend(np.load(p, allow_pickle=False).astype(np.int64).ravel().tolist())
+            ids.extend(_npy_ids(p))
         elif p.suffix == ".json":
-            data = json.loads(p.read_text())
-            if not (isinstance(data, list) and all(isinstance(i, int) for i in data)):
+            try:
+                data = json.loads(p.read_text(encoding="utf-8"))
+            except (ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, an int of 5000 digits
+                raise DiffError(f"{p}: not valid JSON ({e})") from None
+            if not (isinstance(data, list) and all(type(i) is int for i in data)):
                 raise DiffError(f"{p}: a .json data file must be a flat list of token ids")
+            bad = next((i for i in data if not 0 <= i < 2**63), None)
+            if bad is not None:
+                raise DiffError(f"{p}: {bad} is not a token id")
             ids.extend(data)
         else:
             if tok is None:
@@ -57,6 +64,32 @@ def load_tokens(paths: list[str | Path], tokenizer_dir: str | Path) -> torch.Ten
             for doc in load_texts([p]):
                 ids.extend(tok.encode(doc))
     return torch.tensor(ids, dtype=torch.long)
+
+
+def _npy_ids(p: Path) -> list[int]:
+    """A .npy file of integer token ids. Its header is checked first: numpy allocates the array the header
+    describes before reading, so a shape that lies would cost that memory."""
+    try:
+        with open(p, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(f)
+            data_bytes = p.stat().st_size - f.tell()
+    except Exception as e:  # numpy's header parser raises ValueError, TypeError, tokenize.TokenError, ...
+        raise DiffError(f"{p}: not a .npy file numpy can read ({type(e).__name__}: {e})") from None
+    if dtype.kind not in "iu":
+        raise DiffError(f"{p}: a .npy data file must hold integer token ids, not {dtype}")
+    if any(d < 0 for d in shape) or math.prod(shape) * dtype.itemsize > data_bytes:
+        raise DiffError(f"{p}: header's shape {list(shape)} of {dtype} does not fit the {data_bytes} bytes of data")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DiffError(f"{p}: not a .npy file numpy can read ({e})") from None
+    if arr.size and (arr.min() < 0 or int(arr.max()) >= 2**63):
+        raise DiffError(f"{p}: {int(arr.min()) if arr.min() < 0 else int(arr.max())} is not a token id")
+    return arr.astype(np.int64).ravel().tolist()
 
 
 def _check_compatible(ref: K2Model, cand: K2Model) -> None:

@@ -18,9 +18,13 @@ per MoE layer `num_experts_per_tok` experts, weighted by how often each is route
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from k2quant.config import K2Config
+from k2quant.errors import K2QuantError
 from k2quant.names import parse_name
 
 ORDER = ("norms", "router", "attention", "shared_experts", "dense_mlp", "lm_head")
@@ -116,11 +120,29 @@ def bytes_per_token(pl: Placement, inventory: dict[str, int], config: K2Config,
 
 
 def read_hotness(data: dict) -> dict[int, list[float]]:
-    """calibrate's hotness.json ({"<layer>": {"frequency": [...], ...}}) as layer -> frequencies."""
+    """calibrate's hotness.json ({"<layer>": {"frequency": [...], ...}}) as layer -> frequencies.
+    Raises ValueError on anything else (load_hotness names the file)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected an object of layers, got a {type(data).__name__}")
     out = {}
     for key, entry in data.items():
         freq = entry.get("frequency") if isinstance(entry, dict) else None
-        if not isinstance(freq, list) or not all(isinstance(v, int | float) for v in freq):
+        if not isinstance(freq, list) or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in freq):
             raise ValueError(f"hotness layer {key!r}: expected an object with a list of numbers under 'frequency'")
+        # float() of a huge int overflows; a NaN or negative share would order the experts at random
+        if not all(0 <= v <= 2**53 for v in freq):
+            raise ValueError(f"hotness layer {key!r}: frequencies must be finite and not negative")
+        if not re.fullmatch(r"[0-9]{1,6}", key):
+            raise ValueError(f"hotness layer {key!r} is not a layer number")
         out[int(key)] = [float(v) for v in freq]
     return out
+
+
+def load_hotness(path: str | Path, error: type[K2QuantError] = K2QuantError) -> dict[int, list[float]]:
+    """read_hotness of a hotness.json file; anything wrong with it is `error` naming the file."""
+    try:
+        return read_hotness(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, not a hotness table
+        raise error(f"{path}: not a hotness.json ({e})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None

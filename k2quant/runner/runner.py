@@ -61,9 +61,11 @@ def default_temperature(path: str | Path) -> float:
     f = (p if p.is_dir() else p.parent) / "generation_config.json"
     try:
         t = json.loads(f.read_text(encoding="utf-8")).get("temperature")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return DEFAULT_TEMPERATURE
-    return float(t) if isinstance(t, int | float) and t >= 0 else DEFAULT_TEMPERATURE
+    # a bool is no temperature; float() of a huge int overflows, and an infinite one samples uniformly
+    ok = isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t <= 1e6
+    return float(t) if ok else DEFAULT_TEMPERATURE
 
 
 class Runner:
