@@ -17,6 +17,8 @@ k2quant decodes (`data`: uint8 rows of ggml blocks).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from . import ggml
@@ -25,6 +27,17 @@ from .int4 import dequantize_int4
 
 Parts = dict[str, torch.Tensor]
 Block = tuple[int, int] | None
+
+
+class Stored(Protocol):
+    """A weight in its stored form, as checkpoint.StoredWeight holds it (what quantizers may read directly)."""
+
+    format: str
+    shape: tuple[int, ...]
+    parts: Parts
+    block: Block
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor: ...
 
 
 class StoredForm:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from .forms import Stored
 from .int4 import CLIP_RATIOS
 
 ROWS_PER_TASK = 16  # rows a thread takes at a time: one row buffer per task, enough tasks to balance 2-64 threads
@@ -58,7 +59,7 @@ class KernelSource:
                    tuple(block))  # fmt: skip
 
 
-def kernel_source(w) -> KernelSource:
+def kernel_source(w: torch.Tensor | Stored) -> KernelSource:
     """The kernel's view of a weight: a float tensor, or a checkpoint.StoredWeight read in its stored
     form (FP8 blocks and dense BF16 directly; any other form decoded to float32 first)."""
     if isinstance(w, torch.Tensor):

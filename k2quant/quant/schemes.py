@@ -11,14 +11,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from k2quant.checkpoint import StoredWeight
-
-from .forms import form
+from .forms import Stored, form
 from .fp8 import DEFAULT_BLOCK, quantize_fp8_block, scale_shape
 from .gptq import gptq_int4
 from .int4 import pack_int4, pack_zero_point
@@ -76,7 +72,7 @@ class Scheme:
 
     def quantize(
         self,
-        w: torch.Tensor | StoredWeight,
+        w: torch.Tensor | Stored,
         importance: torch.Tensor | None = None,
         search: bool = True,
         hessian: torch.Tensor | None = None,
@@ -130,7 +126,7 @@ class Scheme:
         return [("weight", torch.bfloat16, shape)]
 
 
-def _float(w: torch.Tensor | StoredWeight) -> torch.Tensor:
+def _float(w: torch.Tensor | Stored) -> torch.Tensor:
     """A float tensor from a tensor or a checkpoint.StoredWeight (decoded by its stored form)."""
     return w if isinstance(w, torch.Tensor) else w.dequantize()
 
