@@ -38,7 +38,7 @@ from .checkpoint import INDEX_FILE, Checkpoint, LogicalTensor, open_checkpoint
 from .errors import K2QuantError
 from .gptq_stream import GPTQ_MIN_TOKENS, SPOOL, SpoolReader, run_gptq_stream, spooled_fallbacks
 from .gptq_stream import module_of as _module
-from .manifest import JOURNAL, MANIFEST, SUMMARY, FileEntry, seal
+from .manifest import JOURNAL, MANIFEST, SUMMARY, FileEntry, hash_file, seal
 from .names import parse_name
 from .quant.int4_kernel import set_threads as set_kernel_threads
 from .quant.schemes import Scheme, parse_scheme
@@ -293,7 +293,7 @@ def _prepare_out(out: Path, fingerprint: str, resume: bool) -> dict[str, FileEnt
             except OSError:  # a name too long for the file system: not a finished shard
                 found = False
             if found:
-                done[f] = FileEntry(f, size, sha or file_sha256(out / f))
+                done[f] = FileEntry(f, size, sha or hash_file(out / f))
         for p in out.glob("*.tmp"):
             p.unlink()
         return done
@@ -330,15 +330,6 @@ def _read_journal(journal: Path) -> dict:
     return data
 
 
-def file_sha256(path: Path) -> str:
-    """A file's sha256, read in 16 MB pieces (Hessian files run to many GB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def pin_imatrix(plan, imatrix: str | Path | None) -> None:
     """Validate the importance file before any work and fold its content into the plan's fingerprint."""
     if imatrix is None:
@@ -348,7 +339,7 @@ def pin_imatrix(plan, imatrix: str | Path | None) -> None:
         raise ConvertError(f"{imatrix}: importance file not found")
     read_imatrix(imatrix, set())
     plan.imatrix = str(imatrix.resolve())
-    plan.imatrix_sha256 = file_sha256(imatrix)
+    plan.imatrix_sha256 = hash_file(imatrix)
 
 
 def _plan_gptq(plan: Plan, hessians: Path) -> None:
@@ -360,7 +351,7 @@ def _plan_gptq(plan: Plan, hessians: Path) -> None:
     modules = [_module(t.name) for t in _int4(plan.tensors)]
     counts = read_imatrix(plan.imatrix, set(modules))[1] if plan.imatrix else {}
     plan.hessians = str(hessians.resolve())
-    plan.hessians_sha256 = file_sha256(hessians)
+    plan.hessians_sha256 = hash_file(hessians)
     thin = {m for m in modules if counts.get(m, GPTQ_MIN_TOKENS) < GPTQ_MIN_TOKENS}
     plan.gptq_fallbacks = sorted(m for m in modules if m not in have or m in thin)
 

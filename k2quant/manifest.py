@@ -234,6 +234,7 @@ def read_hashes(path: str | Path) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------- verifying
 def hash_file(path: Path, bar: tqdm | None = None) -> str:
+    """A file's sha256, read in 16 MB pieces (shards and Hessian files run to many GB)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(16 << 20):
