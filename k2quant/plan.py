@@ -27,7 +27,7 @@ Where the numbers come from:
   norms and the router in float32; per-call decoding otherwise), placed by
   `runner.placement.place()`, plus the KV cache, the prefill working set (`attention_work`,
   measured) and the interpreter (`measure_runtime_rss`: a fresh process of this Python with the
-  runner imported).
+  runner imported and its CPU code paths run once on tiny shapes).
 - llama.cpp memory is its buffers: the model (mapped file), the KV cache (MLA: K only,
   kv_lora_rank + qk_rope_head_dim values per token and layer, F16) and the compute buffer
   (`llama_compute_buffer`, estimated for flash attention off).
@@ -101,13 +101,18 @@ VRAM_HEADROOM = GPU_MARGIN
 DEFAULT_VRAM_BANDWIDTH = 1008e9  # RTX 4090's 1008 GB/s (offloading.md 6.1); assumed when no GPU is here
 DISK_TEST_BYTES = 512 << 20
 
-# The runner's process before any weight (python + torch + k2quant's runner imported) is measured by
-# `measure_runtime_rss` in a child process of this interpreter: it depends on the environment (233 MB in
-# the development venv, 293 MB in CI's fresh one, same machine and torch). RUNNER_RUNTIME is what a plan
-# assumes when it is not measured. With CUDA the libraries and context add host memory:
-# RUNNER_CUDA_RUNTIME is assumed (no GPU here to measure it).
-RUNNER_RUNTIME = 240_000_000
-_RUNTIME_SCRIPT = "import k2quant.runner.runner; from k2quant.memory import peak_rss; print(peak_rss())"
+# The runner's process before any weight (python + torch + k2quant's runner imported, its kernels,
+# attention and sampling run once on tiny shapes) is measured by `measure_runtime_rss` in a child
+# process of this interpreter. It depends on the environment: 250 MB in the development venv, 279 MB
+# in a fresh CI one, same machine and torch. The kernels' first calls map about 17 MB of library code
+# and thread pools that a bare import does not (CI once measured the runner 10% above such a plan).
+# RUNNER_RUNTIME is what a plan assumes when it is not measured. With CUDA the libraries and context
+# add host memory: RUNNER_CUDA_RUNTIME is assumed (no GPU here to measure it).
+RUNNER_RUNTIME = 280_000_000
+_RUNTIME_SCRIPT = (
+    "import sys, k2quant.runner.runner; from k2quant.runner.bandwidth import warm_up; "
+    "warm_up(int(sys.argv[1])); from k2quant.memory import peak_rss; print(peak_rss())"
+)
 RUNNER_CUDA_RUNTIME = 1_500_000_000
 LLAMA_RUNTIME = 200_000_000  # llama.cpp's own process, assumed
 
@@ -234,9 +239,11 @@ def measure_vram_bandwidth() -> float | None:
     return n / best
 
 
-def measure_runtime_rss() -> int:
-    """Peak RSS in bytes of a fresh process of this Python with the runner imported (no weights yet)."""
-    r = subprocess.run([sys.executable, "-c", _RUNTIME_SCRIPT], capture_output=True, text=True, timeout=300)
+def measure_runtime_rss(threads: int = 2) -> int:
+    """Peak RSS in bytes of a fresh process of this Python with the runner imported and its CPU code paths
+    run once on tiny shapes (runner/bandwidth.py `warm_up`; no weights yet)."""
+    r = subprocess.run([sys.executable, "-c", _RUNTIME_SCRIPT, str(int(threads))], capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
     if r.returncode != 0:
         raise PlanError(f"measuring the runner's interpreter RSS failed: {r.stderr.strip()[-500:]}")
     return int(r.stdout.split()[-1])
@@ -278,10 +285,11 @@ def measure_machine(ram: int | None = None, vram: int | None = None, ram_bandwid
         if not os.access(d, os.W_OK):
             d = Path(tempfile.gettempdir())
         db = Figure(measure_disk_bandwidth(d), f"measured: sequential read in {d.resolve()} ({_fs_type(d)})")
-    runtime = Figure(measure_runtime_rss(), f"measured: a fresh {Path(sys.executable).name} with the runner imported")
+    n = threads or os.cpu_count() or 1
+    runtime = Figure(measure_runtime_rss(n), f"measured: a fresh {Path(sys.executable).name} with the runner "
+                     f"imported and its kernels run once ({n} threads)")  # fmt: skip
     rates = {}
     if kernels or (kernels is None and ram_bandwidth is None):
-        n = threads or os.cpu_count() or 1
         got, cached = kernel_rates(n)
         how = f"measured on this machine ({n} threads, K2 expert shapes{', cached' if cached else ''})"
         rates = {kind: Figure(v, how) for kind, v in got.items()}

@@ -119,6 +119,33 @@ def _kernel_weight(kind: str, n: int, k: int, g: torch.Generator):
                         1e-4)}, (128, 128))  # fmt: skip
 
 
+def warm_up(threads: int = 2) -> None:
+    """Run each of the runner's CPU code paths once on tiny shapes (the three kernel kinds at one and at
+    64 tokens, both of torch's SDPA paths, the router's ops), so that the library code and thread pools
+    they touch are resident. `k2quant plan` measures the interpreter's RSS after this: those pages
+    (about 17 MB with torch 2.13) are the runner's whatever the model, not part of its weights."""
+    import torch.nn.functional as F
+
+    from .kernels import make_linear
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    try:
+        for kind in KERNEL_KINDS:
+            lin = make_linear(_kernel_weight(kind, 256, 512, g), "cpu", "fast")
+            for tokens in (1, 64):
+                lin(torch.randn(tokens, 512, generator=g).bfloat16())
+        for qk in (192, 128):  # K2's qk 192 / v 128 takes SDPA's math path; equal dims its fused kernel
+            q, k = (torch.randn(1, 4, 64, qk, generator=g).bfloat16() for _ in range(2))
+            F.scaled_dot_product_attention(q, k, torch.randn(1, 4, 64, 128, generator=g).bfloat16(), is_causal=True)
+        x = torch.randn(64, 384, generator=g)
+        torch.topk(torch.sigmoid(x), 8)
+        torch.multinomial(torch.softmax(x, -1), 1, generator=g)
+    finally:
+        torch.set_num_threads(saved)
+
+
 def measure_kernel_rates(threads: int, working_set: int | None = None) -> dict[str, float]:
     """Bytes per second each of the runner's CPU kernels (runner/kernels.py, fast mode) streams through
     a one-token call, at K2 expert shapes: bytes the kernel holds / seconds per call, over enough
