@@ -119,16 +119,33 @@ def collect(
     progress: bool = True,
     hessian: bool | set[str] = False,
     sink: LayerSink | None = None,
+    resumed: tuple[int, list[torch.Tensor], CalibStats] | None = None,
+    layer_done: Callable[[int, list[torch.Tensor], CalibStats], None] | None = None,
 ) -> CalibStats:
     """Statistics for every linear (per expert for routed experts) over `sequences` [N, T];
     with `hessian`, also X^T X per linear for GPTQ (in_features^2 doubles each; a set: for those modules).
 
     With a `sink`, only the layers in `sink.layers` are observed (the others are just run,
     and nothing runs past the last of them), and the sink is handed the statistics as each
-    routed expert and each layer completes, so it can consume and drop them."""
+    routed expert and each layer completes, so it can consume and drop them.
+
+    Resumable (calib/resume.py): `layer_done(layer, hidden, stats)` is called after each layer
+    with the hidden states after it; `resumed` = (layers done, those hidden states, the
+    statistics so far) starts at the next layer instead of the embedding."""
     c = model.config
+    if resumed is not None and sink is not None:
+        raise ValueError("a layer sink (streamed GPTQ) cannot resume from a calibration state")
     stats = CalibStats(tokens=sequences.numel(), hessians={} if hessian else None,
                        hessian_for=hessian if isinstance(hessian, set) else None)  # fmt: skip
+    if resumed is not None:
+        first, hs, saved = resumed
+        if saved.tokens != stats.tokens:
+            raise ValueError(f"resumed statistics cover {saved.tokens} tokens, the sequences {stats.tokens}")
+        for f in ("in_sum2", "counts", "routed", "weight_sum", "topped_up"):
+            getattr(stats, f).update(getattr(saved, f))
+        if stats.hessians is not None:
+            stats.hessians.update(saved.hessians or {})
+        stats.peak_hessian_bytes = saved.peak_hessian_bytes
     observer = lambda name, x: stats.observe(name, x) if name != "lm_head" else None  # noqa: E731
 
     def on_route(layer, scores, ids, weights):
@@ -154,9 +171,12 @@ def collect(
     weights = model.weights
     weights.cache = lambda name: ".mlp.experts." not in name  # one layer's non-expert weights, never the experts
     pos = torch.arange(sequences.shape[1])
-    hs = [model.embed(sequences[i : i + batch]) for i in range(0, sequences.shape[0], batch)]
+    if resumed is None:
+        first = 0
+        hs = [model.embed(sequences[i : i + batch]) for i in range(0, sequences.shape[0], batch)]
     last = c.num_hidden_layers - 1 if sink is None else max(sink.layers, default=-1)
-    bar = tqdm(range(last + 1), desc="calibrating", unit="layer", disable=not progress)
+    bar = tqdm(range(first, last + 1), desc="calibrating", unit="layer", disable=not progress, initial=first,
+               total=last + 1)  # fmt: skip
     with torch.no_grad():
         for layer in bar:
             watch = sink is None or layer in sink.layers
@@ -179,6 +199,8 @@ def collect(
                 hs = _layer_forward(model, layer, inputs, pos, stats)
                 weights.release(f"model.layers.{layer}.")
             del inputs
+            if layer_done is not None:
+                layer_done(layer, hs, stats)
     model.observer = model.route_observer = None
     model.routed = RoutedExperts()
     return stats

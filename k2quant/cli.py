@@ -3,23 +3,54 @@
 from __future__ import annotations
 
 import json
+import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
 from .errors import K2QuantError
 
+RESUMABLE = ("convert", "calibrate")  # long commands that keep finished work and take --resume
+
 
 class _Group(click.Group):
-    """Turns k2quant's input errors into one line on stderr and exit status 1."""
+    """Turns k2quant's input errors into one line on stderr and exit status 1, and SIGINT / SIGTERM
+    into a clean stop: the long commands keep what they finished and print the command that resumes."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["k2quant.argv"] = list(args)
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
+        argv = ctx.meta.get("k2quant.argv", [])
+        caught = {}
+
+        def on_term(signum, frame):
+            caught["signal"] = signal.Signals(signum).name
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() \
+            else None  # fmt: skip
         try:
             return super().invoke(ctx)
         except K2QuantError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            name = caught.get("signal", "SIGINT")
+            if argv and argv[0] in RESUMABLE:
+                again = argv if "--resume" in argv else [*argv, "--resume"]
+                click.echo(f"\ninterrupted ({name}): the work finished so far is kept; resume with:\n"
+                           f"  {shlex.join(['k2quant', *again])}", err=True)  # fmt: skip
+            else:
+                click.echo(f"\ninterrupted ({name})", err=True)
+            sys.exit(128 + getattr(signal, name))
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -214,17 +245,25 @@ def convert(src, out, target, preset, recipe_file, overrides, method, act_order,
     is_flag=True,
     help="Also write hessians.safetensors (X^T X per linear, in_features^2 floats each) for convert --method gptq.",
 )
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Finish an interrupted calibration in OUT from its last finished layer (same inputs and options).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def calibrate(src, data, out, tokens, ctx, min_expert_tokens, batch, hessian, as_json):
+def calibrate(src, data, out, tokens, ctx, min_expert_tokens, batch, hessian, resume, as_json):
     """Learn importance (imatrix) and expert hotness from calibration text, layer-streamed.
 
     \b
     Writes imatrix.gguf (llama.cpp's format: in_sum2 and counts per tensor, 3-D for the
     experts), hotness.json (tokens routed, frequency, mean weight, top-ups per expert)
-    and calibration.json (coverage per layer).
+    and calibration.json (coverage per layer). Each finished layer's statistics and the
+    hidden states after it are kept in OUT/.k2quant-calibrate (tokens x hidden x 4 bytes:
+    3.8 GB for K2 at 131072 tokens), so an interrupted run resumes at the next layer.
     \b
     Examples:
       k2quant calibrate Kimi-K2-Instruct --out calib --tokens 131072 --min-expert-tokens 64
+      k2quant calibrate Kimi-K2-Instruct --out calib --tokens 131072 --min-expert-tokens 64 --resume
       k2quant convert Kimi-K2-Instruct K2-int4 --preset k2-int4 --calib calib
       k2quant calibrate mini-k2 --out calib --hessian && k2quant convert mini-k2 out --preset int4-all \\
           --method gptq --calib calib
@@ -233,7 +272,7 @@ def calibrate(src, data, out, tokens, ctx, min_expert_tokens, batch, hessian, as
     from .calibrate import format_summary
 
     s = run_calibrate(src, out, list(data) or None, tokens=tokens, ctx=ctx, min_expert_tokens=min_expert_tokens,
-                      batch=batch, progress=not as_json, hessian=hessian)  # fmt: skip
+                      batch=batch, progress=not as_json, hessian=hessian, resume=resume)  # fmt: skip
     click.echo(json.dumps(s, indent=2) if as_json else format_summary(s))
 
 

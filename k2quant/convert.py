@@ -16,11 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import queue
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -269,6 +272,23 @@ class _HessianGPTQ:
         return self.file.get_tensor(module + ".hessian")
 
 
+@contextmanager
+def worker_pool(workers: int, initializer=None, initargs: tuple = ()) -> Iterator[ProcessPoolExecutor]:
+    """A pool of `workers` spawned processes. When the run is interrupted (SIGINT / SIGTERM reach this
+    process as KeyboardInterrupt, k2quant/cli.py) or fails, the workers are stopped at once rather than
+    waited for: a shard in flight is only a .tmp file, and --resume does it again."""
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=initializer, initargs=initargs)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in multiprocessing.active_children():
+            p.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
 def _prepare_out(out: Path, fingerprint: str, resume: bool) -> dict[str, FileEntry]:
     """Check the output directory; return the journal's finished shards (file -> size and sha256).
 
@@ -433,8 +453,7 @@ def convert(
             _record(out, fp, done)
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
-        ctx = get_context("spawn")
-        with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        with get_context("spawn").Manager() as manager, worker_pool(workers) as pool:
             q = manager.Queue()
             futures = [
                 pool.submit(

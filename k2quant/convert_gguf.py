@@ -19,9 +19,7 @@ import json
 import math
 import re
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,7 @@ from k2quant.formats.hashed import HashingFile
 from k2quant.formats.imatrix import read_imatrix_gguf
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .convert import ConvertError, _prepare_out, _record, pin_imatrix, size_totals
+from .convert import ConvertError, _prepare_out, _record, pin_imatrix, size_totals, worker_pool
 from .manifest import FileEntry, seal
 from .names import parse_name
 from .quant import ggml
@@ -297,9 +295,7 @@ def convert_gguf(
             done[names[i]] = _write_file(ck, plan, i, out, lambda tasks: map(_run, tasks), bar)
             _record(out, fp, done)
     else:
-        ctx = get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_setup,
-                                 initargs=(str(src), plan.imatrix, tnames, method, 1)) as pool:  # fmt: skip
+        with worker_pool(workers, _setup, (str(src), plan.imatrix, tnames, method, 1)) as pool:
             for i in todo:
                 done[names[i]] = _write_file(ck, plan, i, out, lambda tasks: pool.map(_run, tasks), bar)
                 _record(out, fp, done)

@@ -55,7 +55,7 @@ def run(out: str | Path, echo=print) -> dict:
 
     echo("\n== 3. k2quant calibrate (bundled text, layer-streamed): imatrix.gguf and expert hotness")
     calib = out / "calib"
-    _run_or_reuse(calib, calib / "imatrix.gguf", echo, lambda: format_calibration(
+    _run_or_reuse(calib, calib / "calibration.json", echo, lambda: format_calibration(
         calibrate(fp8, calib, tokens=4096, ctx=256, min_expert_tokens=32, progress=False)))  # fmt: skip
 
     echo("\n== 3b. k2quant convert --to safetensors --preset k2-int4 --calib (routed experts INT4 g32, as K2-Thinking)")

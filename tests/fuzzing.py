@@ -277,6 +277,39 @@ def _tokens() -> dict[str, bytes]:
     return {"tokens.npy": buf.getvalue(), "tokens.json": json.dumps(ids).encode()}
 
 
+CALIB_KEY = {"k2quant": "fuzz", "tokens": 16, "ctx": 8, "source": "s", "tokens_digest": "t"}
+CALIB_HIDDEN = [(1, 8, TINY["hidden_size"]), (1, 8, TINY["hidden_size"])]
+
+
+def _calibrate_state() -> dict[str, bytes]:
+    """What an interrupted `calibrate` of TINY leaves after both layers (calib/resume.py): state.json,
+    each layer's statistics (one Hessian too) and the hidden states after the last."""
+    import torch
+
+    from k2quant.calib.collect import CalibStats
+    from k2quant.calib.resume import CalibrationState
+
+    g = torch.Generator().manual_seed(0)
+    e, h = TINY["n_routed_experts"], TINY["hidden_size"]
+    stats = CalibStats(tokens=16, hessians={})
+    for layer in range(TINY["num_hidden_layers"]):
+        for m in ("self_attn.q_a_proj", "mlp.experts.0.down_proj" if layer else "mlp.up_proj"):
+            n = TINY["moe_intermediate_size"] if "down" in m else h
+            stats.in_sum2[f"model.layers.{layer}.{m}"] = torch.rand(n, generator=g, dtype=torch.float64)
+            stats.counts[f"model.layers.{layer}.{m}"] = 16
+        stats.hessians[f"model.layers.{layer}.self_attn.q_a_proj"] = torch.rand(h, h, generator=g, dtype=torch.float64)
+        if layer:
+            stats.routed[layer] = torch.tensor([8, 4, 4, 0])
+            stats.weight_sum[layer] = torch.rand(e, generator=g, dtype=torch.float64)
+            stats.topped_up[layer] = torch.zeros(e, dtype=torch.long)
+    with tempfile.TemporaryDirectory() as tmp:
+        state = CalibrationState(Path(tmp), CALIB_KEY, TINY["num_hidden_layers"], e, CALIB_HIDDEN)
+        state.open(resume=False)
+        for layer in range(TINY["num_hidden_layers"]):
+            state.save_layer(layer, [torch.randn(s, generator=g) for s in CALIB_HIDDEN], stats)
+        return {f"out/{k}": v for k, v in _dir_files(Path(tmp)).items()}
+
+
 def make_bases() -> dict[str, dict[str, bytes]]:
     """Every reader's valid files, by base name (deterministic: seeded and trained the same each time)."""
     from k2quant.formats.chat import K2_CHAT_TEMPLATE
@@ -310,6 +343,7 @@ def make_bases() -> dict[str, dict[str, bytes]]:
                     "out/model-1-of-2.safetensors": fp8["model-1-of-2.safetensors"],
                     "out/model-2-of-2.safetensors.tmp": b"x",
                     "model-1-of-2.safetensors": fp8["model-1-of-2.safetensors"]},
+        "calibrate-state": _calibrate_state(),
     }  # fmt: skip
 
 
@@ -461,6 +495,19 @@ def read_journal(d: Path) -> str:
     return f"{len(done)} shards done"
 
 
+def read_calibrate_state(d: Path) -> str:
+    from k2quant.calib.resume import CalibrationState, CalibrationStateError
+
+    state = CalibrationState(d / "out", CALIB_KEY, TINY["num_hidden_layers"], TINY["n_routed_experts"], CALIB_HIDDEN)
+    with contextlib.suppress(CalibrationStateError):  # without --resume: refused whatever the state holds
+        state.open(resume=False)
+        raise AssertionError("a directory with a calibration state taken for a fresh calibration")
+    got = state.open(resume=True)
+    if got is None:
+        return "nothing to resume"
+    return f"{got.layers_done} layers, {len(got.stats.in_sum2)} sums, {len(got.stats.hessians or {})} Hessians"
+
+
 @dataclass(frozen=True)
 class Reader:
     name: str
@@ -507,6 +554,12 @@ READERS = {r.name: r for r in [
            "hotness.json: runner.placement.load_hotness, plan.read_calib"),
     Reader("journal", "journal", {"out/.k2quant-convert.journal.json": "json"}, read_journal,
            "the convert journal: convert._prepare_out with and without --resume", "out"),
+    Reader("calibrate-state", "calibrate-state",
+           {"out/.k2quant-calibrate/state.json": "json", "out/.k2quant-calibrate/layer-000.safetensors": "safetensors",
+            "out/.k2quant-calibrate/layer-001.safetensors": "safetensors",
+            "out/.k2quant-calibrate/hidden-001.safetensors": "safetensors"}, read_calibrate_state,
+           "an interrupted calibration's state: calib/resume.py CalibrationState.open with and without --resume",
+           "out"),
 ]}  # fmt: skip
 
 

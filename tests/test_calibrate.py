@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import gguf
 import torch
@@ -10,6 +16,7 @@ from click.testing import CliRunner
 
 from k2quant import open_checkpoint
 from k2quant.calib.collect import collect
+from k2quant.calib.resume import STATE_DIR, CalibrationState
 from k2quant.cli import main
 from k2quant.formats.imatrix import importance, read_imatrix
 from k2quant.model import K2Model, open_model
@@ -144,3 +151,102 @@ def test_default_calibration_set_is_mixed_deterministic_and_renders_tool_calls()
     assert any("天气" in d for d in agentic) and any("weather" in d for d in agentic)
     assert any("def quantize" in d for d in code)
     assert len(bundled_documents(generated=False)) < len(docs)
+
+
+CAL_ARGS = ["--tokens", "2048", "--ctx", "128", "--min-expert-tokens", "32"]
+
+
+def _calibrate_proc(src, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "k2quant", "calibrate", str(src), "--out", str(out), *CAL_ARGS,
+                             "--json", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+
+
+def _wait_for_layers(proc, out, n: int) -> None:
+    """Until the run's state says n layers are done (n = 0: until the state exists, mid layer 0)."""
+    state = out / STATE_DIR / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(state.read_text())["layers_done"] >= n:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"calibration ended or stalled before {n} layers were done: {proc.communicate()}")
+
+
+def test_killed_anywhere_then_resumed_is_byte_identical(mini_k2, tmp_path):
+    """SIGKILL mid-layer 0 and again after a layer, SIGTERM after another (which prints the command that
+    resumes): that command then finishes with files byte-identical to an uninterrupted run's. A resume with
+    another option or other data is refused, naming what differs; a new run over the state is refused."""
+    src = mini_k2["fp8"]
+    clean, out = tmp_path / "clean", tmp_path / "killed"
+    r = CliRunner().invoke(main, ["calibrate", str(src), "--out", str(clean), *CAL_ARGS, "--json"])
+    assert r.exit_code == 0, r.output
+    for layers, extra in ((0, ()), (1, ("--resume",))):
+        p = _calibrate_proc(src, out, *extra)
+        _wait_for_layers(p, out, layers)
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+        assert not (out / "calibration.json").exists(), "calibration finished before the kill"
+    r = CliRunner().invoke(main, ["calibrate", str(src), "--out", str(out), *CAL_ARGS])
+    assert r.exit_code == 1 and "unfinished calibration (1 of 4 layers done)" in r.output, r.output
+    r = CliRunner().invoke(main, ["calibrate", str(src), "--out", str(out), *CAL_ARGS, "--batch", "4", "--resume"])
+    assert r.exit_code == 1 and "differs from this run in --batch (8 then, 4 now)" in r.output, r.output
+    text = tmp_path / "other.txt"
+    text.write_text("Other calibration text. " * 400)
+    r = CliRunner().invoke(main, ["calibrate", str(src), "--out", str(out), *CAL_ARGS, "--data", str(text), "--resume"])
+    assert r.exit_code == 1 and "in its calibration tokens" in r.output, r.output
+
+    p = _calibrate_proc(src, out, "--resume")
+    _wait_for_layers(p, out, 2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate()
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted (SIGTERM)" in err, err
+    again = shlex.split(err.strip().splitlines()[-1])
+    assert again[:2] == ["k2quant", "calibrate"] and "--resume" in again, err
+    assert not (out / "calibration.json").exists(), "calibration finished before SIGTERM"
+    r = CliRunner().invoke(main, again[1:])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["resumed_at_layer"] >= 2
+    for f in ("imatrix.gguf", "hotness.json", "calibration.json"):
+        assert (out / f).read_bytes() == (clean / f).read_bytes(), f
+    assert not (out / STATE_DIR).exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())
+
+
+def test_resume_restores_every_statistic_bit_for_bit(mini_k2, tmp_path):
+    """Interrupted after layer 1 and resumed from the files: sums, counts, Hessians, routing and top-ups
+    equal an uninterrupted collection's exactly (torch.equal), and the hidden states were restored too
+    (layers 2 and 3, computed from them, agree)."""
+    model, seqs = _model(mini_k2["fp8"]), _seqs(4, 32)
+    wanted = {"model.layers.0.self_attn.q_a_proj", "model.layers.1.mlp.experts.3.up_proj",
+              "model.layers.3.self_attn.kv_a_proj_with_mqa", "model.layers.3.mlp.experts.7.down_proj"}  # fmt: skip
+    kw = dict(batch=3, min_expert_tokens=24, progress=False, hessian=wanted)
+    full = collect(model, seqs, **kw)
+    c = model.config
+    state = CalibrationState(tmp_path, {"k": 1}, c.num_hidden_layers, c.n_routed_experts,
+                             [(3, 32, c.hidden_size), (1, 32, c.hidden_size)])  # fmt: skip
+    assert state.open(resume=False) is None
+
+    def stop_after_1(layer, hs, stats):
+        state.save_layer(layer, hs, stats)
+        if layer == 1:
+            raise KeyboardInterrupt
+
+    try:
+        collect(model, seqs, layer_done=stop_after_1, **kw)
+        raise AssertionError("not interrupted")
+    except KeyboardInterrupt:
+        pass
+    got = state.open(resume=True)
+    assert got.layers_done == 2 and len(got.hidden) == 2
+    resumed = collect(model, seqs, resumed=(got.layers_done, got.hidden, got.stats), **kw)
+    for f in ("in_sum2", "counts", "hessians", "routed", "weight_sum", "topped_up"):
+        a, b = getattr(full, f), getattr(resumed, f)
+        assert a.keys() == b.keys(), f
+        for k in a:
+            assert (a[k] == b[k]) if isinstance(a[k], int) else torch.equal(a[k], b[k]), (f, k)
+    assert full.hessians.keys() == wanted

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -254,8 +255,22 @@ def test_kill_and_resume_is_byte_identical(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "model.safetensors.index.json").exists(), "conversion finished before the kill"
-    r = CliRunner().invoke(main, ["convert", str(src), str(out), "--preset", "int4-all", "--method", "mse",
-                                  "--resume", "--json"])  # fmt: skip
+    # then SIGTERM to a resumed run with 2 workers, once it has finished another shard: its workers are
+    # stopped (not waited for), and it prints the command that resumes
+    first = len(json.loads((out / JOURNAL).read_text())["done"])
+    proc = subprocess.Popen([sys.executable, "-m", "k2quant", "convert", str(src), str(out), "--preset", "int4-all",
+                             "--method", "mse", "--resume", "--workers", "2", "--json"],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and len(json.loads((out / JOURNAL).read_text() or "{}").get("done", {})) <= first:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    again = shlex.split(err.strip().splitlines()[-1])
+    assert "interrupted (SIGTERM)" in err and again[:2] == ["k2quant", "convert"] and "--resume" in again, err
+    assert not (out / "model.safetensors.index.json").exists(), "conversion finished before SIGTERM"
+    r = CliRunner().invoke(main, again[1:])
     assert r.exit_code == 0, r.output
     assert _files(out) == _files(tmp_path / "clean")
     assert not (out / JOURNAL).exists()
