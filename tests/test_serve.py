@@ -460,3 +460,24 @@ def test_two_conversations_keep_their_caches(client):
         ]
         r = client.chat.completions.create(model=NAME, messages=msgs, temperature=0, max_tokens=4)
         assert r.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+
+
+def test_an_answer_that_reaches_the_context_ends_with_length(model_dir, template):
+    """No max_tokens, no stop token sampled: the answer runs to the end of --ctx and ends cleanly, as
+    finish_reason "length", streamed and not; the cache is full and the next request is served."""
+    r = Runner(model_dir, RunOptions(device="cpu", ctx=48, threads=2, ram_bandwidth=1e10), progress=False)
+    try:
+        with running(create_app(r, template, ServeOptions(NAME))) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            messages = [{"role": "user", "content": "Tell a story."}]
+            prompt = len(r.tokenizer.encode(template.render(messages), allow_special=True))
+            # greedy mini-K2 does not end these turns within 48 tokens (had it, finish_reason would say "stop")
+            a = client.chat.completions.create(model=NAME, messages=messages, temperature=0, seed=1)
+            assert a.choices[0].finish_reason == "length", a
+            assert a.usage.prompt_tokens == prompt and prompt + a.usage.completion_tokens == 48
+            chunks = list(client.chat.completions.create(model=NAME, messages=messages, temperature=0, stream=True))
+            assert chunks[-1].choices[0].finish_reason == "length"
+            c = client.completions.create(model=NAME, prompt="Once upon a time", temperature=0)
+            assert c.choices[0].finish_reason == "length"
+    finally:
+        r.close()
