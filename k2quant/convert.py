@@ -92,19 +92,36 @@ class Plan:
     gptq_calibration: dict | None = None  # layer-streamed GPTQ: sha256 of the token windows and the settings
     gptq_stream: dict | None = None  # what the layer-streamed GPTQ did (not part of the fingerprint)
 
-    def fingerprint(self) -> str:
+    def pinned(self) -> dict:
+        """What the output depends on (the fingerprint's content)."""
         plan = asdict(self)
         plan.pop("imatrix")  # the files' content counts, not where they lie
         plan.pop("hessians")
         plan.pop("gptq_stream")
         if self.gptq_calibration:  # the fallbacks are found during the run, from the calibration that is pinned
             plan.pop("gptq_fallbacks")
-        blob = json.dumps({"v": FORMAT_VERSION, "plan": plan}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return plan
+
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.pinned())
 
     @property
     def tensors(self) -> list[PlannedTensor]:
         return [t for s in self.shards for t in s.tensors]
+
+
+def fingerprint_of(pinned: dict, version: int = FORMAT_VERSION) -> str:
+    return hashlib.sha256(json.dumps({"v": version, "plan": pinned}, sort_keys=True).encode()).hexdigest()
+
+
+def settings_of(pinned: dict) -> dict[str, str]:
+    """A plan's pinned fields one by one, kept in the journal so that a refused --resume can name what
+    changed: a short field as its JSON, a long one (the recipe, the shards) as a digest."""
+    out = {}
+    for k, v in sorted(pinned.items()):
+        text = json.dumps(v, sort_keys=True)
+        out[k] = text if len(text) <= 80 else "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return out
 
 
 # ---------------------------------------------------------------------------- planning
@@ -289,11 +306,13 @@ def worker_pool(workers: int, initializer=None, initargs: tuple = ()) -> Iterato
         pool.shutdown(wait=True)
 
 
-def _prepare_out(out: Path, fingerprint: str, resume: bool) -> dict[str, FileEntry]:
+def _prepare_out(out: Path, fingerprint: str, resume: bool, settings: dict[str, str] | None = None
+                 ) -> dict[str, FileEntry]:  # fmt: skip
     """Check the output directory; return the journal's finished shards (file -> size and sha256).
 
     A shard whose size differs from the journal's is done again; one from a journal written
-    before the journal kept hashes (size only) is hashed here, once."""
+    before the journal kept hashes (size only) is hashed here, once. `settings` (settings_of)
+    go into a new journal; a resume whose fingerprint differs names the settings that changed."""
     journal = out / JOURNAL
     if out.exists() and not out.is_dir():
         raise ConvertError(f"{out}: exists and is not a directory")
@@ -303,8 +322,13 @@ def _prepare_out(out: Path, fingerprint: str, resume: bool) -> dict[str, FileEnt
             raise ConvertError(f"{out}: holds an unfinished conversion; pass --resume to finish it")
         data = _read_journal(journal)
         if data.get("fingerprint") != fingerprint:
-            raise ConvertError(f"{out}: the unfinished conversion there used other inputs or settings; "
-                               "start again in an empty directory")  # fmt: skip
+            old, new = data.get("settings") or {}, settings or {}
+            changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            named = "; ".join(k if str(old.get(k, "")).startswith("sha256:") or str(new.get(k, "")).startswith(
+                "sha256:") else f"{k}: {old.get(k)} then, {new.get(k)} now" for k in changed)  # fmt: skip
+            raise ConvertError(f"{out}: the unfinished conversion there used other inputs or settings"
+                               f"{f' ({named})' if named else ''}; run again with them, or start again in an "
+                               "empty directory")  # fmt: skip
         done = {}
         for f, e in data.get("done", {}).items():
             size, sha = (e, None) if isinstance(e, int) else (e["size"], e.get("sha256"))
@@ -322,7 +346,7 @@ def _prepare_out(out: Path, fingerprint: str, resume: bool) -> dict[str, FileEnt
             raise ConvertError(f"{out}: already holds a finished conversion")
         raise ConvertError(f"{out}: is not empty and was not created by k2quant convert")
     out.mkdir(parents=True, exist_ok=True)
-    write_json(journal, {"fingerprint": fingerprint, "done": {}})
+    write_json(journal, {"fingerprint": fingerprint, "settings": settings or {}, "done": {}})
     return {}
 
 
@@ -340,6 +364,9 @@ def _read_journal(journal: Path) -> dict:
     done = data.get("done", {}) if isinstance(data, dict) else None
     if not isinstance(done, dict):
         raise bad("not an object with a 'done' object")
+    settings = data.get("settings", {})
+    if not (isinstance(settings, dict) and all(isinstance(v, str) for v in settings.values())):
+        raise bad("'settings' is not an object of strings")
     for f, e in done.items():
         size = e if isinstance(e, int) else e.get("size") if isinstance(e, dict) else None
         sha = e.get("sha256") if isinstance(e, dict) else None
@@ -376,9 +403,9 @@ def _plan_gptq(plan: Plan, hessians: Path) -> None:
     plan.gptq_fallbacks = sorted(m for m in modules if m not in have or m in thin)
 
 
-def _record(out: Path, fingerprint: str, done: dict[str, FileEntry]) -> None:
+def _record(out: Path, fingerprint: str, done: dict[str, FileEntry], settings: dict[str, str] | None = None) -> None:
     files = {f: {"size": e.size, "sha256": e.sha256} for f, e in sorted(done.items())}
-    write_json(out / JOURNAL, {"fingerprint": fingerprint, "done": files})
+    write_json(out / JOURNAL, {"fingerprint": fingerprint, "settings": settings or {}, "done": files})
 
 
 def convert(
@@ -432,8 +459,8 @@ def convert(
                                  "min_expert_tokens": min_expert_tokens, "propagate": propagate}  # fmt: skip
     elif method.startswith("gptq"):
         _plan_gptq(plan, Path(hessians))
-    fp = plan.fingerprint()
-    done = _prepare_out(out, fp, resume)
+    fp, settings = plan.fingerprint(), settings_of(plan.pinned())
+    done = _prepare_out(out, fp, resume, settings)
     todo = [s for s in plan.shards if s.file not in done]
     spool = None
     if streamed:
@@ -450,7 +477,7 @@ def convert(
             r = convert_shard(str(src), str(out), asdict(s), method, q, imatrix=plan.imatrix, hessians=plan.hessians,
                               fallbacks=tuple(plan.gptq_fallbacks), spool=spool and str(spool))  # fmt: skip
             done[r["file"]] = FileEntry(r["file"], r["bytes"], r["sha256"])
-            _record(out, fp, done)
+            _record(out, fp, done, settings)
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         with get_context("spawn").Manager() as manager, worker_pool(workers) as pool:
@@ -481,7 +508,7 @@ def convert(
                     pending.discard(f)
                     r = f.result()  # re-raises a worker's error
                     done[r["file"]] = FileEntry(r["file"], r["bytes"], r["sha256"])
-                    _record(out, fp, done)
+                    _record(out, fp, done, settings)
             while not q.empty():
                 bar.update(q.get())
     bar.close()

@@ -14,8 +14,6 @@ bytes depend only on the inputs and settings.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 import time
@@ -31,7 +29,16 @@ from k2quant.formats.hashed import HashingFile
 from k2quant.formats.imatrix import read_imatrix_gguf
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .convert import ConvertError, _prepare_out, _record, pin_imatrix, size_totals, worker_pool
+from .convert import (
+    ConvertError,
+    _prepare_out,
+    _record,
+    fingerprint_of,
+    pin_imatrix,
+    settings_of,
+    size_totals,
+    worker_pool,
+)
 from .manifest import FileEntry, seal
 from .names import parse_name
 from .quant import ggml
@@ -73,11 +80,14 @@ class GGUFPlan:
         n = len(self.files)
         return [f"{self.stem}.gguf"] if n == 1 else [f"{self.stem}-{i + 1:05d}-of-{n:05d}.gguf" for i in range(n)]
 
-    def fingerprint(self) -> str:
+    def pinned(self) -> dict:
+        """What the output depends on (the fingerprint's content): the imatrix by its sha256, not its path."""
         plan = asdict(self)
         plan.pop("imatrix")
-        blob = json.dumps({"v": FORMAT_VERSION, "plan": plan}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return plan
+
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.pinned(), FORMAT_VERSION)
 
     @property
     def tensors(self) -> list[PlannedGGUF]:
@@ -280,8 +290,8 @@ def convert_gguf(
     stem = name or f"{src.name}-{recipe.preset.upper()}"
     plan = plan_gguf(ck, recipe, method, stem, parse_size(split_max_size))
     pin_imatrix(plan, imatrix)
-    fp = plan.fingerprint()
-    done = _prepare_out(out, fp, resume)
+    fp, settings = plan.fingerprint(), settings_of(plan.pinned())
+    done = _prepare_out(out, fp, resume, settings)
     names = plan.file_names()
     tnames = {t.name for t in plan.tensors}
     total = sum(t.source_bytes for t in plan.tensors)
@@ -293,12 +303,12 @@ def convert_gguf(
         _setup(str(src), plan.imatrix, tnames, method)
         for i in todo:
             done[names[i]] = _write_file(ck, plan, i, out, lambda tasks: map(_run, tasks), bar)
-            _record(out, fp, done)
+            _record(out, fp, done, settings)
     else:
         with worker_pool(workers, _setup, (str(src), plan.imatrix, tnames, method, 1)) as pool:
             for i in todo:
                 done[names[i]] = _write_file(ck, plan, i, out, lambda tasks: pool.map(_run, tasks), bar)
-                _record(out, fp, done)
+                _record(out, fp, done, settings)
     _STATE.clear()
     bar.close()
     summary = _summary(plan, out, time.time() - t0)

@@ -201,6 +201,12 @@ def test_failure_leaves_nothing_that_looks_complete(tmp_path):
     assert (out / JOURNAL).exists() and not list(out.glob("*.tmp"))
     with pytest.raises(K2QuantError, match="pass --resume"):
         _convert(src, out, "k2-int4")
+    # a resume with other settings names them: a short one by value, a long one (the shard plan) by name
+    with pytest.raises(K2QuantError, match=r'method: "rtn" then, "mse" now\)'):
+        _convert(src, out, "k2-int4", method="mse", resume=True)
+    changed = r'settings \(quantization_config; recipe: .*"k2-int4".* then, .*"int4-all".* now; shards\)'
+    with pytest.raises(K2QuantError, match=changed):
+        _convert(src, out, "int4-all", resume=True)
 
 
 def test_bad_recipes_are_one_clear_error(tmp_path):
