@@ -23,15 +23,15 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from k2quant.calib.collect import CalibStats, collect
 from k2quant.formats.hf import write_json
 from k2quant.formats.imatrix import importance
-from k2quant.formats.safetensors_file import DTYPES, SafetensorsWriter
+from k2quant.formats.safetensors_file import DTYPES, SafetensorsFile, SafetensorsWriter
 
 from .checkpoint import Checkpoint
+from .errors import K2QuantError
 from .memory import release_freed_memory
 from .model import CheckpointWeights, K2Model
 from .quant.schemes import parse_scheme
@@ -69,10 +69,18 @@ def spooled_fallbacks(spool: Path) -> list[str]:
 
 
 def _complete(path: Path, fingerprint: str) -> bool:
-    if not path.is_file() or not _fallbacks_file(path).is_file():
+    """Whether a spooled layer is finished and usable: its header parses (k2quant's validating reader),
+    it was made for this plan, and its fallbacks file is a list of module names. Anything else (a file
+    cut short, a damaged header, an edit) is not finished, and the layer is done again."""
+    fallbacks = _fallbacks_file(path)
+    if not path.is_file() or not fallbacks.is_file():
         return False
-    with safe_open(str(path), "pt") as f:
-        return (f.metadata() or {}).get("k2quant_plan") == fingerprint
+    try:
+        plan = SafetensorsFile(path).metadata.get("k2quant_plan")
+        names = json.loads(fallbacks.read_text(encoding="utf-8"))
+    except (K2QuantError, OSError, ValueError, RecursionError):  # ValueError: not UTF-8 or not JSON
+        return False
+    return plan == fingerprint and isinstance(names, list) and all(isinstance(n, str) for n in names)
 
 
 class SpoolSink:
@@ -217,9 +225,9 @@ class SpoolReader:
             path = spool_file(self.spool, int(m[1]))
             if not path.is_file():
                 return None
-            self._layer, self._file = int(m[1]), safe_open(str(path), "pt")
+            self._layer, self._file = int(m[1]), SafetensorsFile(path)
             self._keys = set(self._file.keys())
         if module + ".weight_packed" not in self._keys:
             return None
         parts = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
-        return {p: self._file.get_tensor(f"{module}.{p}") for p in parts if f"{module}.{p}" in self._keys}
+        return {p: self._file.load(f"{module}.{p}") for p in parts if f"{module}.{p}" in self._keys}

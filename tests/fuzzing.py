@@ -310,6 +310,34 @@ def _calibrate_state() -> dict[str, bytes]:
         return {f"out/{k}": v for k, v in _dir_files(Path(tmp)).items()}
 
 
+SPOOL_MODULES = [f"model.layers.1.mlp.experts.{e}.down_proj" for e in range(2)]
+
+
+def _gptq_spool() -> dict[str, bytes]:
+    """What an interrupted layer-streamed GPTQ leaves (gptq_stream.py): one finished layer's packed INT4
+    parts, made for FINGERPRINT, and its fallbacks file."""
+    import torch
+
+    from k2quant.formats.safetensors_file import SafetensorsWriter
+    from k2quant.quant.int4 import pack_int4
+
+    g = torch.Generator().manual_seed(0)
+    n, k = TINY["hidden_size"], TINY["moe_intermediate_size"]
+    tensors = {}
+    for m in SPOOL_MODULES:
+        tensors[m + ".weight_packed"] = pack_int4(torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8))
+        tensors[m + ".weight_scale"] = torch.rand(n, k // 16, generator=g).bfloat16()
+        tensors[m + ".weight_shape"] = torch.tensor([n, k])
+    with tempfile.TemporaryDirectory() as tmp:
+        w = SafetensorsWriter(Path(tmp) / "layer-001.safetensors", [(k, t.dtype, tuple(t.shape))
+                              for k, t in tensors.items()], {"format": "pt", "k2quant_plan": FINGERPRINT})  # fmt: skip
+        for name, t in tensors.items():
+            w.write(name, t)
+        w.close()
+        (Path(tmp) / "layer-001.fallbacks.json").write_text(json.dumps(["model.layers.1.mlp.experts.3.up_proj"]))
+        return {f"out/.gptq-spool/{k}": v for k, v in _dir_files(Path(tmp)).items()}
+
+
 def make_bases() -> dict[str, dict[str, bytes]]:
     """Every reader's valid files, by base name (deterministic: seeded and trained the same each time)."""
     from k2quant.formats.chat import K2_CHAT_TEMPLATE
@@ -344,6 +372,7 @@ def make_bases() -> dict[str, dict[str, bytes]]:
                     "out/model-2-of-2.safetensors.tmp": b"x",
                     "model-1-of-2.safetensors": fp8["model-1-of-2.safetensors"]},
         "calibrate-state": _calibrate_state(),
+        "gptq-spool": _gptq_spool(),
     }  # fmt: skip
 
 
@@ -508,6 +537,20 @@ def read_calibrate_state(d: Path) -> str:
     return f"{got.layers_done} layers, {len(got.stats.in_sum2)} sums, {len(got.stats.hessians or {})} Hessians"
 
 
+def read_gptq_spool(d: Path) -> str:
+    from k2quant.gptq_stream import SpoolReader, _complete, spool_file, spooled_fallbacks
+
+    spool = d / "out" / ".gptq-spool"
+    if not _complete(spool_file(spool, 1), FINGERPRINT):
+        return "layer 1 not finished: done again"
+    reader = SpoolReader(spool)
+    parts = [reader.parts(m) for m in SPOOL_MODULES]
+    for p in parts:
+        for t in (p or {}).values():
+            t.to(float).sum()  # every byte read
+    return f"{sum(p is not None for p in parts)} modules spooled, {len(spooled_fallbacks(spool))} fallbacks"
+
+
 @dataclass(frozen=True)
 class Reader:
     name: str
@@ -559,6 +602,10 @@ READERS = {r.name: r for r in [
             "out/.k2quant-calibrate/layer-001.safetensors": "safetensors",
             "out/.k2quant-calibrate/hidden-001.safetensors": "safetensors"}, read_calibrate_state,
            "an interrupted calibration's state: calib/resume.py CalibrationState.open with and without --resume",
+           "out"),
+    Reader("gptq-spool", "gptq-spool",
+           {"out/.gptq-spool/layer-001.safetensors": "safetensors", "out/.gptq-spool/layer-001.fallbacks.json": "json"},
+           read_gptq_spool, "the layer-streamed GPTQ's spool: gptq_stream._complete, SpoolReader, spooled_fallbacks",
            "out"),
 ]}  # fmt: skip
 

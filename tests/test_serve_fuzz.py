@@ -18,6 +18,7 @@ import dataclasses
 import http.client
 import json
 import logging
+import os
 import socket
 import time
 
@@ -34,7 +35,7 @@ from . import fuzzing
 
 NAME = "mini-k2"
 MAX_BODY = 64 << 10
-CASES = int(__import__("os").environ.get("K2QUANT_SERVE_FUZZ_CASES", "300"))
+CASES = int(os.environ.get("K2QUANT_SERVE_FUZZ_CASES", "200"))
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]  # fmt: skip
 CALLED = [{"role": "user", "content": "Weather in Paris?"},
