@@ -55,14 +55,18 @@ def main() -> None:
         r = Runner(out, RunOptions(device="cpu", ctx=ctx, threads=a.threads, ram_bandwidth=1e10), progress=False)
         prompt = r.tokenizer.encode("Write a long story about a lighthouse keeper and the sea. " * 5)[:64]
         times, rss_at = [], {}
-        t0 = time.perf_counter()
-        for i, _ in enumerate(r.generate(prompt, Sampling(temperature=0.8, seed=0, max_tokens=a.tokens)), 1):
-            times.append(time.perf_counter() - t0)
-            if i in marks:
-                rss_at[i] = rss()
-        st = r.stats
-        kv = r.engine.cache_bytes()
-        r.close()
+        try:
+            t0 = time.perf_counter()
+            for i, _ in enumerate(r.generate(prompt, Sampling(temperature=0.8, seed=0, max_tokens=a.tokens)), 1):
+                times.append(time.perf_counter() - t0)
+                if i in marks:
+                    rss_at[i] = rss()
+            st = r.stats
+            kv = r.engine.cache_bytes()
+        finally:
+            r.close()
+    if len(times) < marks[-1]:
+        sys.exit(f"the answer ended after {len(times)} tokens ({st.finish_reason}), before token {marks[-1]}")
 
     def speed(end: int) -> float:
         start = max(1, end - WINDOW)

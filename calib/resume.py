@@ -37,6 +37,7 @@ from k2quant.calib.collect import CalibStats
 from k2quant.errors import K2QuantError
 from k2quant.formats.hashed import atomic_write
 from k2quant.formats.safetensors_file import SafetensorsFile, SafetensorsWriter
+from k2quant.manifest import hash_file
 
 STATE_DIR = ".k2quant-calibrate"
 STATE_FILE = "state.json"
@@ -52,11 +53,16 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+SOURCE_FILES = ("config.json", "tiktoken.model", "tokenizer_config.json", "chat_template.jinja")
+
+
 def source_key(root: Path, shards: list[Path]) -> str:
-    """A digest of a source checkpoint that is cheap for 1 TB: config.json's bytes (where there is
-    one), then each shard's name, size and first MiB (its header)."""
-    config = Path(root) / "config.json"
-    h = hashlib.sha256(config.read_bytes() if config.is_file() else b"")
+    """A digest of a source checkpoint that is cheap for 1 TB: config.json and the tokenizer's files
+    (where there are), then each shard's name, size and first MiB (its header)."""
+    h = hashlib.sha256()
+    for name in SOURCE_FILES:
+        f = Path(root) / name
+        h.update(name.encode() + b"\0" + (f.read_bytes() if f.is_file() else b"") + b"\0")
     for p in shards:
         with open(p, "rb") as f:
             h.update(f"{p.name}\0{p.stat().st_size}\0".encode() + f.read(HEAD_BYTES))
@@ -64,13 +70,15 @@ def source_key(root: Path, shards: list[Path]) -> str:
 
 
 def run_key(source: str, sequences: torch.Tensor, options: dict[str, object]) -> dict[str, object]:
-    """What a calibration state was made from: field name -> value (compared one by one on resume)."""
-    return {"k2quant": __version__, **options, "source": source,
-            "tokens_digest": _sha256(sequences.contiguous().numpy().tobytes())}  # fmt: skip
+    """What a calibration state was made from: field name -> value (compared one by one on resume).
+    torch's version and thread count are in it: its float sums may differ with either, and a resume
+    must give the bytes an uninterrupted run gives."""
+    return {"k2quant": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(), **options,
+            "source": source, "tokens_digest": _sha256(sequences.contiguous().numpy().tobytes())}  # fmt: skip
 
 
-_FIELD_NAMES = {"k2quant": "the k2quant version",
-                "source": "its source checkpoint (config.json, a shard's size or header)",
+_FIELD_NAMES = {"k2quant": "the k2quant version", "torch": "the torch version", "threads": "torch's thread count",
+                "source": "its source checkpoint (config.json, the tokenizer's files, a shard's size or header)",
                 "tokens_digest": "its calibration tokens (the --data text)"}  # fmt: skip
 
 
@@ -84,15 +92,24 @@ class Resumed:
     stats: CalibStats
 
 
+def check_finished(calib: Path, error: type[K2QuantError] = K2QuantError) -> None:
+    """Refuse a calibrate output directory that an unfinished run is still writing (or was killed in)."""
+    if (Path(calib) / STATE_DIR / STATE_FILE).exists():
+        raise error(f"{calib}: holds an unfinished calibration ({Path(calib) / STATE_DIR}); finish it with "
+                    "k2quant calibrate ... --resume")  # fmt: skip
+
+
 class CalibrationState:
     """OUT/.k2quant-calibrate for one run: `open` checks it (or starts it), `save_layer` after each
     layer, `finish` once the outputs are written. `hidden_shapes`: the hidden states' batches,
     [sequences, ctx, hidden] each (what a saved set must match)."""
 
     def __init__(self, out: Path, key: dict[str, object], layers: int, n_experts: int,
-                 hidden_shapes: list[tuple[int, ...]]):  # fmt: skip
+                 hidden_shapes: list[tuple[int, ...]], moe_layers: set[int] | None = None):  # fmt: skip
         self.dir = Path(out) / STATE_DIR
         self.key, self.layers, self.n_experts, self.hidden_shapes = key, layers, n_experts, hidden_shapes
+        self.moe_layers = set(range(layers)) if moe_layers is None else set(moe_layers)
+        self.files: dict[str, str] = {}  # state file -> sha256, as written (state.json keeps them)
 
     # ------------------------------------------------------------------ opening
     def open(self, resume: bool) -> Resumed | None:
@@ -113,7 +130,12 @@ class CalibrationState:
                 f"pass --resume to finish it, or delete {self.dir} to start over"
             )
         self._check_key(state["key"], state_file)
-        for p in self.dir.glob("*.tmp"):
+        self.files = dict(state["files"])
+        keep = {f"layer-{i:03d}.safetensors" for i in range(done)} | {f"hidden-{done - 1:03d}.safetensors", STATE_FILE}
+        for p in self.dir.iterdir():  # a kill between two writes leaves a newer layer or an older hidden file
+            if p.name not in keep and p.is_file():
+                p.unlink()
+        for p in self.dir.parent.glob("*.tmp"):  # an output cut short by the kill
             p.unlink()
         if done == 0:
             return None
@@ -132,6 +154,8 @@ class CalibrationState:
         ok = (
             isinstance(state, dict)
             and isinstance(state.get("key"), dict)
+            and isinstance(state.get("files"), dict)
+            and all(isinstance(v, str) for v in state["files"].values())
             and all(type(state.get(k)) is int and state[k] >= 0 for k in ("layers_done", "peak_hessian_bytes"))
         )
         if not ok:
@@ -153,8 +177,18 @@ class CalibrationState:
                 )
 
     def _open_file(self, name: str) -> SafetensorsFile:
+        """A state file, checked against the sha256 state.json recorded when it was written."""
+        path = self.dir / name
         try:
-            return SafetensorsFile(self.dir / name)
+            got = hash_file(path)
+        except OSError as e:
+            raise CalibrationStateError(f"{path}: cannot be read ({e.strerror}); delete {self.dir} to start over"
+                                        ) from None  # fmt: skip
+        if self.files.get(name) != got:
+            raise CalibrationStateError(f"{path}: its sha256 is not the one state.json recorded when it was "
+                                        f"written (damaged or changed); delete {self.dir} to start over")  # fmt: skip
+        try:
+            return SafetensorsFile(path)
         except K2QuantError as e:
             raise CalibrationStateError(f"{e}; delete {self.dir} to start over") from None
 
@@ -194,6 +228,10 @@ class CalibrationState:
                 raise bad(f"hessian.{module} is {list(h.shape)}, its sums have {n} channels")
         if set(counts) != set(sums):
             raise bad(f"counts and sums name different modules ({sorted(set(counts) ^ set(sums))[0]!r})")
+        if not sums:
+            raise bad("no statistics")
+        if layer in self.moe_layers and not all(layer in getattr(stats, k) for k in _LAYER_KEYS):
+            raise bad(f"an MoE layer without all of {', '.join(_LAYER_KEYS)}")
         stats.in_sum2.update(sums)
         stats.counts.update(counts)
         if hessians:
@@ -204,8 +242,9 @@ class CalibrationState:
         f = self._open_file(name)
         keys = f.keys()
         shapes = [f.tensors[k].shape for k in keys]
+        dtypes = {str(f.tensors[k].dtype) for k in keys}
         if keys != [f"h.{j}" for j in range(len(keys))] or shapes != self.hidden_shapes or \
-                not all(f.tensors[k].dtype.is_floating_point for k in keys):  # fmt: skip
+                dtypes != {f.metadata.get("dtype")}:  # fmt: skip
             raise CalibrationStateError(f"{self.dir / name}: not the hidden states of this calibration "
                                         f"({len(keys)} tensors, {self.hidden_shapes[:1]}...); delete {self.dir} "
                                         "to start over")  # fmt: skip
@@ -225,26 +264,35 @@ class CalibrationState:
             if stats.hessians is not None and m in stats.hessians:
                 tensors[f"hessian.{m}"] = stats.hessians[m]
         counts = json.dumps({m: stats.counts[m] for m in mods}, sort_keys=True)
-        _write(self.dir / f"layer-{layer:03d}.safetensors", tensors, {"layer": str(layer), "counts": counts})
-        _write(self.dir / f"hidden-{layer:03d}.safetensors", {f"h.{j}": h for j, h in enumerate(hidden)},
-               {"after_layer": str(layer)})  # fmt: skip
+        name, hidden_name = f"layer-{layer:03d}.safetensors", f"hidden-{layer:03d}.safetensors"
+        old = f"hidden-{layer - 1:03d}.safetensors"
+        self.files[name] = _write(self.dir / name, tensors, {"layer": str(layer), "counts": counts})
+        self.files[hidden_name] = _write(self.dir / hidden_name, {f"h.{j}": h for j, h in enumerate(hidden)},
+                                         {"after_layer": str(layer), "dtype": str(hidden[0].dtype)})  # fmt: skip
+        self.files.pop(old, None)
         self._write_state(layer + 1, stats)
-        old = self.dir / f"hidden-{layer - 1:03d}.safetensors"
-        if old.exists():
-            old.unlink()
+        (self.dir / old).unlink(missing_ok=True)
 
     def _write_state(self, done: int, stats: CalibStats | None = None) -> None:
         state = {"key": self.key, "layers_done": done, "layers": self.layers,
-                 "peak_hessian_bytes": stats.peak_hessian_bytes if stats else 0}  # fmt: skip
+                 "peak_hessian_bytes": stats.peak_hessian_bytes if stats else 0, "files": self.files}  # fmt: skip
         atomic_write(self.dir / STATE_FILE, [(json.dumps(state, indent=2) + "\n").encode("utf-8")])
 
     def finish(self) -> None:
-        """The outputs are written: the state goes."""
+        """The outputs are written: the state goes, state.json first (a kill midway then leaves a
+        directory a new run clears, never a state that names missing files)."""
+        (self.dir / STATE_FILE).unlink(missing_ok=True)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """One state file (temporary name, fsync, rename); its sha256."""
     w = SafetensorsWriter(path, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], metadata)
-    for k, t in tensors.items():
-        w.write(k, t)
-    w.close()
+    try:
+        for k, t in tensors.items():
+            w.write(k, t)
+        w.close()
+    except BaseException:
+        w.abort()
+        raise
+    return w.sha256

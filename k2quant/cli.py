@@ -32,8 +32,12 @@ class _Group(click.Group):
             caught["signal"] = signal.Signals(signum).name
             raise KeyboardInterrupt
 
-        previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() \
-            else None  # fmt: skip
+        resumable = bool(argv) and argv[0] in RESUMABLE
+        main_thread = threading.current_thread() is threading.main_thread()
+        # SIGTERM only for the long commands (serve's uvicorn handles its own); restored afterwards
+        previous = signal.getsignal(signal.SIGTERM) if resumable and main_thread else None
+        if previous is not None:
+            signal.signal(signal.SIGTERM, on_term)
         try:
             return super().invoke(ctx)
         except K2QuantError as e:
@@ -41,7 +45,7 @@ class _Group(click.Group):
             sys.exit(1)
         except KeyboardInterrupt:
             name = caught.get("signal", "SIGINT")
-            if argv and argv[0] in RESUMABLE:
+            if resumable:
                 again = argv if "--resume" in argv else [*argv, "--resume"]
                 click.echo(f"\ninterrupted ({name}): the work finished so far is kept; resume with:\n"
                            f"  {shlex.join(['k2quant', *again])}", err=True)  # fmt: skip
@@ -196,6 +200,10 @@ def convert(src, out, target, preset, recipe_file, overrides, method, act_order,
     from .recipe import build_recipe
 
     recipe = build_recipe(preset, recipe_file, list(overrides), target=target)
+    if calib_dir:
+        from .calib.resume import check_finished
+
+        check_finished(Path(calib_dir))
     if calib_dir and not imatrix:
         imatrix = str(Path(calib_dir) / "imatrix.gguf")
     hessians = str(Path(calib_dir) / "hessians.safetensors") if calib_dir and method == "gptq" else None

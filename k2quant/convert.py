@@ -16,10 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import queue
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -289,21 +289,32 @@ class _HessianGPTQ:
         return self.file.get_tensor(module + ".hessian")
 
 
+def _worker_start(initializer, initargs: tuple) -> None:
+    """In each worker: SIGINT is the parent's to handle (Ctrl-C reaches the whole process group; the
+    parent stops the workers and prints the resume command), then the pool's own initializer."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if initializer is not None:
+        initializer(*initargs)
+
+
 @contextmanager
 def worker_pool(workers: int, initializer=None, initargs: tuple = ()) -> Iterator[ProcessPoolExecutor]:
     """A pool of `workers` spawned processes. When the run is interrupted (SIGINT / SIGTERM reach this
-    process as KeyboardInterrupt, k2quant/cli.py) or fails, the workers are stopped at once rather than
-    waited for: a shard in flight is only a .tmp file, and --resume does it again."""
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=initializer, initargs=initargs)
+    process as KeyboardInterrupt, k2quant/cli.py) or fails, the pool's workers are terminated at once
+    rather than waited for: a shard in flight is only a .tmp file, and --resume does it again."""
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_start,
+                               initargs=(initializer, initargs))  # fmt: skip
     try:
         yield pool
     except BaseException:
+        procs = list((pool._processes or {}).values())  # the pool's own workers (CPython keeps them there)
         pool.shutdown(wait=False, cancel_futures=True)
-        for p in multiprocessing.active_children():
+        for p in procs:
             p.terminate()
+        for p in procs:
+            p.join(timeout=10)
         raise
-    finally:
-        pool.shutdown(wait=True)
+    pool.shutdown(wait=True)
 
 
 def _prepare_out(out: Path, fingerprint: str, resume: bool, settings: dict[str, str] | None = None
@@ -323,9 +334,11 @@ def _prepare_out(out: Path, fingerprint: str, resume: bool, settings: dict[str, 
         data = _read_journal(journal)
         if data.get("fingerprint") != fingerprint:
             old, new = data.get("settings") or {}, settings or {}
-            changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)] if old else []
             named = "; ".join(k if str(old.get(k, "")).startswith("sha256:") or str(new.get(k, "")).startswith(
                 "sha256:") else f"{k}: {old.get(k)} then, {new.get(k)} now" for k in changed)  # fmt: skip
+            if not old:
+                named = "its journal, from an older k2quant, does not say which"
             raise ConvertError(f"{out}: the unfinished conversion there used other inputs or settings"
                                f"{f' ({named})' if named else ''}; run again with them, or start again in an "
                                "empty directory")  # fmt: skip

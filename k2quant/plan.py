@@ -57,6 +57,7 @@ from pathlib import Path
 
 import torch
 
+from .calib.resume import check_finished
 from .checkpoint import Checkpoint, LogicalTensor, open_checkpoint
 from .config import K2Config
 from .convert import Plan as ConvertPlan
@@ -920,6 +921,7 @@ def read_calib(calib: str | Path | None, cfg: K2Config) -> tuple[Path | None, di
     d = Path(calib)
     if not d.is_dir():
         raise PlanError(f"--calib {d}: not a directory")
+    check_finished(d, PlanError)
     notes = []
     hot = None
     hf = d / "hotness.json"

@@ -303,7 +303,7 @@ def _calibrate_state() -> dict[str, bytes]:
             stats.weight_sum[layer] = torch.rand(e, generator=g, dtype=torch.float64)
             stats.topped_up[layer] = torch.zeros(e, dtype=torch.long)
     with tempfile.TemporaryDirectory() as tmp:
-        state = CalibrationState(Path(tmp), CALIB_KEY, TINY["num_hidden_layers"], e, CALIB_HIDDEN)
+        state = CalibrationState(Path(tmp), CALIB_KEY, TINY["num_hidden_layers"], e, CALIB_HIDDEN, {1})
         state.open(resume=False)
         for layer in range(TINY["num_hidden_layers"]):
             state.save_layer(layer, [torch.randn(s, generator=g) for s in CALIB_HIDDEN], stats)
@@ -527,7 +527,8 @@ def read_journal(d: Path) -> str:
 def read_calibrate_state(d: Path) -> str:
     from k2quant.calib.resume import CalibrationState, CalibrationStateError
 
-    state = CalibrationState(d / "out", CALIB_KEY, TINY["num_hidden_layers"], TINY["n_routed_experts"], CALIB_HIDDEN)
+    state = CalibrationState(d / "out", CALIB_KEY, TINY["num_hidden_layers"], TINY["n_routed_experts"], CALIB_HIDDEN,
+                             {1})  # fmt: skip
     with contextlib.suppress(CalibrationStateError):  # without --resume: refused whatever the state holds
         state.open(resume=False)
         raise AssertionError("a directory with a calibration state taken for a fresh calibration")

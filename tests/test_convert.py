@@ -268,7 +268,8 @@ def test_kill_and_resume_is_byte_identical(tmp_path):
                              "--method", "mse", "--resume", "--workers", "2", "--json"],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 120
-    while time.time() < deadline and len(json.loads((out / JOURNAL).read_text() or "{}").get("done", {})) <= first:
+    while len(json.loads((out / JOURNAL).read_text() or "{}").get("done", {})) <= first:  # journal: written atomically
+        assert time.time() < deadline and proc.poll() is None, "the resumed run finished no shard, or ended"
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
