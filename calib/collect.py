@@ -86,6 +86,16 @@ class CalibStats:
         return out
 
 
+@dataclass
+class Resumed:
+    """Where an interrupted collection picks up (calib/resume.py reads it from disk): the layers done,
+    the hidden states after the last of them, and the statistics collected so far."""
+
+    layers_done: int
+    hidden: list[torch.Tensor]
+    stats: CalibStats
+
+
 class CoverageExperts(RoutedExperts):
     """Calibration's routed-experts seam: each expert also runs on `extra(layer, scores, ids)[e]`
     (tokens not routed to it, so observers see more of its inputs; those outputs are dropped),
@@ -119,7 +129,7 @@ def collect(
     progress: bool = True,
     hessian: bool | set[str] = False,
     sink: LayerSink | None = None,
-    resumed: tuple[int, list[torch.Tensor], CalibStats] | None = None,
+    resumed: Resumed | None = None,
     layer_done: Callable[[int, list[torch.Tensor], CalibStats], None] | None = None,
 ) -> CalibStats:
     """Statistics for every linear (per expert for routed experts) over `sequences` [N, T];
@@ -130,22 +140,21 @@ def collect(
     routed expert and each layer completes, so it can consume and drop them.
 
     Resumable (calib/resume.py): `layer_done(layer, hidden, stats)` is called after each layer
-    with the hidden states after it; `resumed` = (layers done, those hidden states, the
+    with the hidden states after it; `resumed` (the layers done, those hidden states, the
     statistics so far) starts at the next layer instead of the embedding."""
     c = model.config
     if resumed is not None and sink is not None:
         raise ValueError("a layer sink (streamed GPTQ) cannot resume from a calibration state")
-    stats = CalibStats(tokens=sequences.numel(), hessians={} if hessian else None,
-                       hessian_for=hessian if isinstance(hessian, set) else None)  # fmt: skip
-    if resumed is not None:
-        first, hs, saved = resumed
-        if saved.tokens != stats.tokens:
-            raise ValueError(f"resumed statistics cover {saved.tokens} tokens, the sequences {stats.tokens}")
-        for f in ("in_sum2", "counts", "routed", "weight_sum", "topped_up"):
-            getattr(stats, f).update(getattr(saved, f))
-        if stats.hessians is not None:
-            stats.hessians.update(saved.hessians or {})
-        stats.peak_hessian_bytes = saved.peak_hessian_bytes
+    hessian_for = hessian if isinstance(hessian, set) else None
+    if resumed is None:
+        first = 0
+        stats = CalibStats(tokens=sequences.numel(), hessians={} if hessian else None, hessian_for=hessian_for)
+    else:
+        first, hs, stats = resumed.layers_done, resumed.hidden, resumed.stats
+        if stats.tokens != sequences.numel():
+            raise ValueError(f"resumed statistics cover {stats.tokens} tokens, the sequences {sequences.numel()}")
+        stats.hessian_for = hessian_for
+        stats.hessians = (stats.hessians or {}) if hessian else None
     observer = lambda name, x: stats.observe(name, x) if name != "lm_head" else None  # noqa: E731
 
     def on_route(layer, scores, ids, weights):
@@ -172,7 +181,6 @@ def collect(
     weights.cache = lambda name: ".mlp.experts." not in name  # one layer's non-expert weights, never the experts
     pos = torch.arange(sequences.shape[1])
     if resumed is None:
-        first = 0
         hs = [model.embed(sequences[i : i + batch]) for i in range(0, sequences.shape[0], batch)]
     last = c.num_hidden_layers - 1 if sink is None else max(sink.layers, default=-1)
     bar = tqdm(range(first, last + 1), desc="calibrating", unit="layer", disable=not progress, initial=first,

@@ -27,16 +27,15 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from k2quant import __version__
-from k2quant.calib.collect import CalibStats
+from k2quant.calib.collect import CalibStats, Resumed
 from k2quant.errors import K2QuantError
 from k2quant.formats.hashed import atomic_write
-from k2quant.formats.safetensors_file import SafetensorsFile, SafetensorsWriter
+from k2quant.formats.safetensors_file import SafetensorsFile, write_tensors
 from k2quant.manifest import hash_file
 
 STATE_DIR = ".k2quant-calibrate"
@@ -80,16 +79,6 @@ def run_key(source: str, sequences: torch.Tensor, options: dict[str, object]) ->
 _FIELD_NAMES = {"k2quant": "the k2quant version", "torch": "the torch version", "threads": "torch's thread count",
                 "source": "its source checkpoint (config.json, the tokenizer's files, a shard's size or header)",
                 "tokens_digest": "its calibration tokens (the --data text)"}  # fmt: skip
-
-
-@dataclass
-class Resumed:
-    """What a resumed run starts from: the layers done, the hidden states after the last of them,
-    and the statistics collected so far."""
-
-    layers_done: int
-    hidden: list[torch.Tensor]
-    stats: CalibStats
 
 
 def check_finished(calib: Path, error: type[K2QuantError] = K2QuantError) -> None:
@@ -266,8 +255,8 @@ class CalibrationState:
         counts = json.dumps({m: stats.counts[m] for m in mods}, sort_keys=True)
         name, hidden_name = f"layer-{layer:03d}.safetensors", f"hidden-{layer:03d}.safetensors"
         old = f"hidden-{layer - 1:03d}.safetensors"
-        self.files[name] = _write(self.dir / name, tensors, {"layer": str(layer), "counts": counts})
-        self.files[hidden_name] = _write(self.dir / hidden_name, {f"h.{j}": h for j, h in enumerate(hidden)},
+        self.files[name] = write_tensors(self.dir / name, tensors, {"layer": str(layer), "counts": counts})
+        self.files[hidden_name] = write_tensors(self.dir / hidden_name, {f"h.{j}": h for j, h in enumerate(hidden)},
                                          {"after_layer": str(layer), "dtype": str(hidden[0].dtype)})  # fmt: skip
         self.files.pop(old, None)
         self._write_state(layer + 1, stats)
@@ -283,16 +272,3 @@ class CalibrationState:
         directory a new run clears, never a state that names missing files)."""
         (self.dir / STATE_FILE).unlink(missing_ok=True)
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """One state file (temporary name, fsync, rename); its sha256."""
-    w = SafetensorsWriter(path, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], metadata)
-    try:
-        for k, t in tensors.items():
-            w.write(k, t)
-        w.close()
-    except BaseException:
-        w.abort()
-        raise
-    return w.sha256

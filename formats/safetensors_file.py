@@ -237,3 +237,17 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         self._f.discard()
+
+
+def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """`tensors` as one safetensors file, in their order, through a SafetensorsWriter (temporary name,
+    fsync, rename; nothing left behind on any failure or interrupt); the file's sha256."""
+    w = SafetensorsWriter(path, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], metadata)
+    try:
+        for k, t in tensors.items():
+            w.write(k, t)
+        w.close()
+    except BaseException:
+        w.abort()
+        raise
+    return w.sha256

@@ -76,8 +76,7 @@ def calibrate(
     (out / "calibration.json").unlink(missing_ok=True)  # written last: until then OUT holds no finished calibration
     start = resumed.layers_done if resumed else 0
     stats = collect(model, seqs, batch=batch, min_expert_tokens=min_expert_tokens, progress=progress, hessian=hessian,
-                    resumed=(resumed.layers_done, resumed.hidden, resumed.stats) if resumed else None,
-                    layer_done=state.save_layer)  # fmt: skip
+                    resumed=resumed, layer_done=state.save_layer)  # fmt: skip
     datasets = [str(p) for p in data] if data else ["k2quant bundled calibration set"]
     write_imatrix(out / "imatrix.gguf", stats.in_sum2, stats.counts, ck.config.n_routed_experts, datasets, n, ctx)
     write_json(out / "hotness.json", stats.hotness())

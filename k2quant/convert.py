@@ -333,12 +333,7 @@ def _prepare_out(out: Path, fingerprint: str, resume: bool, settings: dict[str, 
             raise ConvertError(f"{out}: holds an unfinished conversion; pass --resume to finish it")
         data = _read_journal(journal)
         if data.get("fingerprint") != fingerprint:
-            old, new = data.get("settings") or {}, settings or {}
-            changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)] if old else []
-            named = "; ".join(k if str(old.get(k, "")).startswith("sha256:") or str(new.get(k, "")).startswith(
-                "sha256:") else f"{k}: {old.get(k)} then, {new.get(k)} now" for k in changed)  # fmt: skip
-            if not old:
-                named = "its journal, from an older k2quant, does not say which"
+            named = _changed_settings(data.get("settings") or {}, settings or {})
             raise ConvertError(f"{out}: the unfinished conversion there used other inputs or settings"
                                f"{f' ({named})' if named else ''}; run again with them, or start again in an "
                                "empty directory")  # fmt: skip
@@ -361,6 +356,16 @@ def _prepare_out(out: Path, fingerprint: str, resume: bool, settings: dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     write_json(journal, {"fingerprint": fingerprint, "settings": settings or {}, "done": {}})
     return {}
+
+
+def _changed_settings(old: dict[str, str], new: dict[str, str]) -> str:
+    """The settings (settings_of) that differ: a short one with both values, a digested one by name."""
+    if not old:
+        return "its journal, from an older k2quant, does not say which"
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    digested = lambda v: v is not None and v.startswith("sha256:")  # noqa: E731
+    return "; ".join(k if digested(old.get(k)) or digested(new.get(k)) else f"{k}: {old.get(k)} then, {new.get(k)} now"
+                     for k in changed)  # fmt: skip
 
 
 def _read_journal(journal: Path) -> dict:
@@ -472,7 +477,8 @@ def convert(
                                  "min_expert_tokens": min_expert_tokens, "propagate": propagate}  # fmt: skip
     elif method.startswith("gptq"):
         _plan_gptq(plan, Path(hessians))
-    fp, settings = plan.fingerprint(), settings_of(plan.pinned())
+    pinned = plan.pinned()
+    fp, settings = fingerprint_of(pinned), settings_of(pinned)
     done = _prepare_out(out, fp, resume, settings)
     todo = [s for s in plan.shards if s.file not in done]
     spool = None

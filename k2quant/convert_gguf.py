@@ -290,7 +290,8 @@ def convert_gguf(
     stem = name or f"{src.name}-{recipe.preset.upper()}"
     plan = plan_gguf(ck, recipe, method, stem, parse_size(split_max_size))
     pin_imatrix(plan, imatrix)
-    fp, settings = plan.fingerprint(), settings_of(plan.pinned())
+    pinned = plan.pinned()
+    fp, settings = fingerprint_of(pinned, FORMAT_VERSION), settings_of(pinned)
     done = _prepare_out(out, fp, resume, settings)
     names = plan.file_names()
     tnames = {t.name for t in plan.tensors}

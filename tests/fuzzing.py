@@ -318,7 +318,7 @@ def _gptq_spool() -> dict[str, bytes]:
     parts, made for FINGERPRINT, and its fallbacks file."""
     import torch
 
-    from k2quant.formats.safetensors_file import SafetensorsWriter
+    from k2quant.formats.safetensors_file import write_tensors
     from k2quant.quant.int4 import pack_int4
 
     g = torch.Generator().manual_seed(0)
@@ -329,11 +329,7 @@ def _gptq_spool() -> dict[str, bytes]:
         tensors[m + ".weight_scale"] = torch.rand(n, k // 16, generator=g).bfloat16()
         tensors[m + ".weight_shape"] = torch.tensor([n, k])
     with tempfile.TemporaryDirectory() as tmp:
-        w = SafetensorsWriter(Path(tmp) / "layer-001.safetensors", [(k, t.dtype, tuple(t.shape))
-                              for k, t in tensors.items()], {"format": "pt", "k2quant_plan": FINGERPRINT})  # fmt: skip
-        for name, t in tensors.items():
-            w.write(name, t)
-        w.close()
+        write_tensors(Path(tmp) / "layer-001.safetensors", tensors, {"format": "pt", "k2quant_plan": FINGERPRINT})
         (Path(tmp) / "layer-001.fallbacks.json").write_text(json.dumps(["model.layers.1.mlp.experts.3.up_proj"]))
         return {f"out/.gptq-spool/{k}": v for k, v in _dir_files(Path(tmp)).items()}
 

@@ -246,7 +246,7 @@ def test_resume_restores_every_statistic_bit_for_bit(mini_k2, tmp_path):
         pass
     got = state.open(resume=True)
     assert got.layers_done == 2 and len(got.hidden) == 2
-    resumed = collect(model, seqs, resumed=(got.layers_done, got.hidden, got.stats), **kw)
+    resumed = collect(model, seqs, resumed=got, **kw)
     for f in ("in_sum2", "counts", "hessians", "routed", "weight_sum", "topped_up"):
         a, b = getattr(full, f), getattr(resumed, f)
         assert a.keys() == b.keys(), f

@@ -134,7 +134,9 @@ def exchange(addr, raw: bytes, half_close: bool = False, timeout: float = 60, me
         try:
             resp.begin()
             body = resp.read()
-        except (http.client.RemoteDisconnected, ConnectionResetError, http.client.IncompleteRead):
+        except ConnectionResetError:  # the server closed with our bytes unread (it answered early): the kernel's
+            return Answer(None, {}, b"", True)  # reset can drop that answer before it is read
+        except (http.client.RemoteDisconnected, http.client.IncompleteRead):
             return Answer(None, {}, b"", cut)
         return Answer(resp.status, {k.lower(): v for k, v in resp.getheaders()}, body, cut)
 
@@ -205,13 +207,13 @@ def make_body(path: str, spec) -> bytes:
     return doc[:-1] + b', "pad": "' + b"y" * max(0, spec[1] - len(doc) - 10) + b'"}'
 
 
-def check_answer(a: Answer, what: str) -> None:
+def check_answer(a: Answer, what: str, method: str = "POST") -> None:
     assert a.status is not None, f"no answer: {what}"
     assert a.status < 500 or a.status == 503, f"{a.status}: {a.body[:400]!r}\n  {what}"
     markers = (b"Traceback", b'File "', b"Error(", b"site-packages") if a.status >= 300 else (b"Traceback",)
     for marker in markers:  # an answer's sampled text is the model's: only an error's body is held to all of them
         assert marker not in a.body, f"{marker!r} in the answer: {a.body[:400]!r}\n  {what}"
-    if a.status >= 400 and not a.body and what.startswith("b'HEAD "):  # a HEAD answer has headers only
+    if a.status >= 400 and not a.body and method == "HEAD":  # a HEAD answer has headers only
         return
     if a.status >= 400:
         if a.status == 400 and a.body == b"Invalid HTTP request received.":  # uvicorn's HTTP parser (h11)
@@ -249,7 +251,7 @@ def test_mutated_requests_get_a_4xx_or_an_answer_never_a_500(server):
         if a.status is None:  # only a client that promised more body and went away, or one that the server
             assert half or a.cut, f"no answer: {what}"  # stopped reading (its answer lost in the reset), gets none
         else:
-            check_answer(a, what)
+            check_answer(a, what, c["method"])
         assert not errors.records, f"the server logged an error: {errors.records[-1][:800]}\n  {what}"
 
     run()
