@@ -17,7 +17,11 @@ Prints, with and without the imatrix:
    procedure in both tools' no-importance case) re-encoded four ways of near-equal error,
    each swapped into llama-quantize's file, KLD per text.
 
+--preset iq4_xs (or any llama.cpp file type k2quant names) compares that preset instead;
+--no-swaps leaves out 4 (and 5, which is Q4_K_M's).
+
 Usage: python bench/q4km_cause.py [--dir /tmp/k2bench-q4km] [--heldout FILE ...] [--chunks 40]
+       [--preset q4_k_m] [--no-swaps]
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from k2quant.calib.datasets import bundled_texts  # noqa: E402
 from k2quant.convert_gguf import convert_gguf  # noqa: E402
 from k2quant.formats.imatrix import read_imatrix_gguf  # noqa: E402
 from k2quant.quant import ggml  # noqa: E402
-from k2quant.recipe import build_recipe  # noqa: E402
+from k2quant.recipe import LLAMA_FTYPES, build_recipe  # noqa: E402
 
 CLASSES = ("token_embd", "output.weight", "attn_", "_shexp", "_exps", "blk.0.ffn")
 
@@ -92,7 +96,10 @@ def main() -> None:
     ap.add_argument("--heldout", nargs="*", type=Path, help="held-out text files (default: calib/heldout/*.txt)")
     ap.add_argument("--chunks", type=int, default=40, help="512-token chunks scored per text (at most)")
     ap.add_argument("--cases", nargs="*", default=["plain", "imatrix"], choices=["plain", "imatrix"])
+    ap.add_argument("--preset", default="q4_k_m", choices=[p for p in LLAMA_FTYPES if p not in ("f32", "f16", "bf16")])
+    ap.add_argument("--no-swaps", action="store_true", help="leave out the per-class attribution and the noise floor")
     a = ap.parse_args()
+    P = a.preset
     root = Path(a.dir)
     root.mkdir(parents=True, exist_ok=True)
     info = minik2.build(minik2.default_dir(), progress=False)
@@ -129,12 +136,12 @@ def main() -> None:
         tag = "plain" if im is None else "imatrix"
         if tag not in a.cases:
             continue
-        ours = convert(f"k2quant-{tag}", "q4_k_m", **({} if im is None else {"imatrix": imat}))
-        theirs = root / f"llama-quantize-{tag}.gguf"
+        ours = convert(f"k2quant-{P}-{tag}", P, **({} if im is None else {"imatrix": imat}))
+        theirs = root / f"llama-quantize-{P}-{tag}.gguf"
         if not theirs.exists():
-            llama_quantize(bf16, theirs, "q4_k_m", imatrix={k: v.reshape(-1) for k, v in im.items()} if im else None)
+            llama_quantize(bf16, theirs, P, imatrix={k: v.reshape(-1) for k, v in im.items()} if im else None)
         A, B = open_checkpoint(ours), open_checkpoint(theirs)
-        print(f"\n== Q4_K_M, {label}")
+        print(f"\n== {P.upper()}, {label}")
         diff = [n for n in names if A.by_gguf[n].tensor_type != B.by_gguf[n].tensor_type]
         print(f"tensor types: {len(names)} tensors, {len(diff)} differ {sorted(diff)}")
         print("per-tensor error vs BF16, k2quant / llama-quantize, same BF16 input (weighted by the imatrix entry):")
@@ -146,8 +153,9 @@ def main() -> None:
             print(f"  {n:<30} {t:<5} {r:.4f}{'  (weighted)' if use else ''}")
         med = np.median([w[0] for w in worst])
         print(f"  ... {len(worst)} tensors, ratio max {max(worst)[0]:.4f} median {med:.4f}")
-        swaps = {c: _patched(theirs, root / f"swap-{tag}-{i}.gguf", _data(ours, {n for n in names if c in n}))
-                 for i, c in enumerate(CLASSES)}  # fmt: skip
+        swaps = {} if a.no_swaps else {
+            c: _patched(theirs, root / f"swap-{P}-{tag}-{i}.gguf", _data(ours, {n for n in names if c in n}))
+            for i, c in enumerate(CLASSES)}  # fmt: skip
         for tname, tpath in texts:
             print(f"held-out {tname}: mean KLD ± unc, max")
             for who, path in (("k2quant", ours), ("llama-quantize", theirs)):
@@ -157,10 +165,12 @@ def main() -> None:
                 m, u, mx = _kld(perplexity, swap, bf16, tpath.with_suffix(".kld"), tpath, a.chunks, yarn)
                 print(f"  llama-quantize's file with k2quant's {c:<14} {m:.6f} ± {u:.6f}  max {mx:.4f}")
 
+    if a.no_swaps or P != "q4_k_m":
+        return
     print("\n== noise floor: token_embd re-encoded in llama-quantize's plain file (errors vs BF16 / llama's)")
-    if not (root / "llama-quantize-plain.gguf").exists():
-        llama_quantize(bf16, root / "llama-quantize-plain.gguf", "q4_k_m")
-    theirs = root / "llama-quantize-plain.gguf"
+    if not (root / "llama-quantize-q4_k_m-plain.gguf").exists():
+        llama_quantize(bf16, root / "llama-quantize-q4_k_m-plain.gguf", "q4_k_m")
+    theirs = root / "llama-quantize-q4_k_m-plain.gguf"
     w = ref._decode("token_embd.weight").float()
     lerr = ((open_checkpoint(theirs)._decode("token_embd.weight").float() - w) ** 2).sum().item()
     g = torch.Generator().manual_seed(0)

@@ -106,9 +106,13 @@ def parse_size(text: str | int | None) -> int:
     return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2) or " "))
 
 
-def plan_gguf(ck: Checkpoint, recipe: Recipe, method: str, stem: str, split_max_size: int = 0) -> GGUFPlan:
+def plan_gguf(ck: Checkpoint, recipe: Recipe, method: str, stem: str, split_max_size: int = 0,
+              has_imatrix: bool = False) -> GGUFPlan:  # fmt: skip
+    """Each GGUF tensor's type and size and the files they go in; `has_imatrix`: the preset's
+    rules as llama-quantize applies them when it is given an importance matrix."""
     cfg = ck.config
     planned = []
+    ffn_down = 0
     for gt in tensor_map(cfg):
         for src in gt.sources:
             if src not in ck:
@@ -116,7 +120,9 @@ def plan_gguf(ck: Checkpoint, recipe: Recipe, method: str, stem: str, split_max_
         if gt.kind == "f32":
             t = "F32"
         else:
-            t = ggml.fit_type(recipe.gguf_type(gt.name, gt.modules, gt.layer, cfg.num_hidden_layers), gt.shape[-1])
+            t = recipe.gguf_type(gt.name, gt.modules, gt.layer, cfg.num_hidden_layers, has_imatrix, ffn_down)
+            t = ggml.fit_type(t, gt.shape[-1])
+            ffn_down += "ffn_down" in gt.name
         nbytes = math.prod(gt.shape[:-1]) * ggml.TYPES[t].row_bytes(gt.shape[-1])
         src_bytes = sum(ck.info(s).stored_bytes for s in set(gt.sources))
         if gt.kind == "v_b":
@@ -162,6 +168,25 @@ class _Importance:
         return torch.from_numpy(np.asarray(sums[index], dtype=np.float32) / np.float32(n))
 
 
+def _check_importance(plan: GGUFPlan, imatrix: str | Path | None) -> None:
+    """Types llama-quantize makes only with an importance matrix (IQ2_XXS, ...) need an entry with
+    data for each tensor planned in them; refused before anything is written, the tensor named."""
+    need = [t for t in plan.tensors if t.type in ggml.NEEDS_IMATRIX]
+    if not need:
+        return
+    t = need[0]
+    if imatrix is None:
+        raise ConvertError(f"tensor '{t.name}' is planned as {t.type}, which llama-quantize (and k2quant) make only "
+                           "with an importance matrix: pass --imatrix FILE or --calib DIR (k2quant calibrate writes "
+                           "imatrix.gguf), or choose another type for it")  # fmt: skip
+    have = read_imatrix_gguf(imatrix, {t.name for t in need})
+    for t in need:
+        entry = have.get(t.name)
+        if entry is None or not (np.asarray(entry[1]) > 0).any():
+            raise ConvertError(f"{imatrix}: no importance data for tensor '{t.name}', planned as {t.type}, which "
+                               "llama-quantize (and k2quant) make only with an importance matrix")  # fmt: skip
+
+
 # ---------------------------------------------------------------------------- execution
 ROW_CHUNK = 1024  # rows of a dense tensor per task (a multiple of 128: FP8 blocks, packed zero points)
 
@@ -196,12 +221,17 @@ def _run(task: tuple) -> bytes:
         w, importance = ck.tensor(src, torch.float32), imp.get(name, index)
     elif kind in ("k_b", "v_b"):  # kv_b once, then each head with its own importance row
         heads = split_kv_b(ck.tensor(src, torch.float32), ck.config, kind)
-        return b"".join(ggml.quantize(w, typ, imp.get(name, h, w.shape[1]), search).numpy().tobytes()
-                        for h, w in enumerate(heads))  # fmt: skip
+        return b"".join(_quantize(w, typ, imp.get(name, h, w.shape[1]), search) for h, w in enumerate(heads))
     elif hasattr(ck, "stored"):  # dequantize only these rows from the stored form
         w, importance = ck.stored(src).rows(r0, r1).dequantize(torch.float32), imp.get(name)
     else:  # a GGUF source
         w, importance = ck.tensor(src, torch.float32)[r0:r1], imp.get(name)
+    return _quantize(w, typ, importance, search)
+
+
+def _quantize(w: torch.Tensor, typ: str, importance: torch.Tensor | None, search: bool) -> bytes:
+    if importance is None and typ in ggml.NEEDS_IMATRIX:  # an expert or head the imatrix saw no token for
+        importance = torch.ones(w.shape[1])  # llama-quantize's weight for it: 1
     return ggml.quantize(w, typ, importance, search).numpy().tobytes()
 
 
@@ -288,7 +318,8 @@ def convert_gguf(
     src, out = Path(src), Path(out)
     ck = open_checkpoint(src)
     stem = name or f"{src.name}-{recipe.preset.upper()}"
-    plan = plan_gguf(ck, recipe, method, stem, parse_size(split_max_size))
+    plan = plan_gguf(ck, recipe, method, stem, parse_size(split_max_size), imatrix is not None)
+    _check_importance(plan, imatrix)
     pin_imatrix(plan, imatrix)
     pinned = plan.pinned()
     fp, settings = fingerprint_of(pinned, FORMAT_VERSION), settings_of(pinned)

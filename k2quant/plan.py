@@ -68,7 +68,8 @@ from .formats.safetensors_file import DTYPES, TensorInfo
 from .memory import meminfo
 from .names import expected_shapes, parse_name
 from .quant.fp8 import scale_shape
-from .recipe import GGUF_PRESETS, build_recipe
+from .quant.ggml import NEEDS_IMATRIX
+from .recipe import GGUF_PRESETS, LLAMA_FTYPES, build_recipe
 from .runner.placement import Placement, bytes_per_token, load_hotness, place, reads_per_token, tensor_class
 from .runner.runner import GPU_MARGIN, WORK_BYTES_PER_TOKEN
 
@@ -838,10 +839,13 @@ def _gguf_options(src: ModelSource, machine: Machine, ctx: int, usable: dict[str
     vram = int(machine.vram.value)
     kv = llama_kv_bytes(cfg, math.ceil(ctx / 256) * 256)
     opts, plans = [], {}
+    has_imatrix = calib is not None and (calib / "imatrix.gguf").exists()  # convert --calib passes it
     for preset in GGUF_PLAN_PRESETS:
         recipe = build_recipe(preset, target="gguf")
         stem = _gguf_stem(src, preset)
-        g = plan_gguf(ck, recipe, "mse", stem, GGUF_SPLIT)  # one file when it is below the limit
+        g = plan_gguf(ck, recipe, "mse", stem, GGUF_SPLIT, has_imatrix)  # one file when below the limit
+        if not has_imatrix and any(t.type in NEEDS_IMATRIX for t in g.tensors):
+            continue  # convert refuses it without an importance matrix (see the note)
         split = len(g.files) > 1
         data, sizes, _ = gguf_sizes(g, cfg.vocab_size)
         reads = gguf_tokens_bytes(g, cfg)
@@ -955,6 +959,10 @@ def plan(model: str | Path | ModelSource, machine: Machine, ctx: int = DEFAULT_C
         if t not in TARGETS:
             raise PlanError(f"--target {t!r}: expected one of {', '.join(TARGETS)}")
     calib_dir, hotness, notes = read_calib(calib, cfg)
+    if "gguf" in targets and not (calib_dir and (calib_dir / "imatrix.gguf").exists()):
+        low = [p for p in GGUF_PLAN_PRESETS if p in LLAMA_FTYPES and LLAMA_FTYPES[p][0] in NEEDS_IMATRIX]
+        notes.append(f"{', '.join(low)} left out: made only with an importance matrix (k2quant calibrate, then "
+                     "plan --calib DIR)")  # fmt: skip
     ram, vram = int(machine.ram.value), int(machine.vram.value)
     keep_ram = max(RAM_HEADROOM_MIN, int(RAM_HEADROOM_FRACTION * ram))
     usable = {"ram": ram - keep_ram, "vram": max(0, vram - VRAM_HEADROOM) if vram else 0}

@@ -40,7 +40,9 @@ PRESETS: dict[str, dict[str, str]] = {
 # MoE mixes (routed experts low, everything a token always passes through high)
 LLAMA_FTYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7), "q4_0": ("Q4_0", 2),
                 "q2_k": ("Q2_K", 10), "q3_k_m": ("Q3_K", 12), "q4_k_m": ("Q4_K", 15), "q5_k_m": ("Q5_K", 17),
-                "q6_k": ("Q6_K", 18)}  # fmt: skip
+                "q6_k": ("Q6_K", 18), "iq4_nl": ("IQ4_NL", 25), "iq4_xs": ("IQ4_XS", 30),
+                "iq2_xxs": ("IQ2_XXS", 19)}  # fmt: skip
+_LOW_IQ = ("iq2_xxs",)  # the 1-2 bit i-quant file types, whose rules llama-quantize keeps apart
 K2_GGUF_MIXES = {  # experts gate/up, experts down, everything else (attention, shared, dense, embeddings), file type
     "k2-q4": ("Q4_K", "Q5_K", "Q8_0", 15),
     "k2-q3": ("Q3_K", "Q4_K", "Q6_K", 12),
@@ -58,8 +60,13 @@ def _more_bits(layer: int, n_layer: int) -> bool:
     return layer < n_layer // 8 or layer >= 7 * n_layer // 8 or (layer - n_layer // 8) % 3 == 2
 
 
-def gguf_preset_type(preset: str, name: str, layer: int | None, n_layer: int) -> str:
-    """The GGML type a GGUF preset gives a quantizable tensor (before the row-width fallback)."""
+def gguf_preset_type(preset: str, name: str, layer: int | None, n_layer: int, has_imatrix: bool = False,
+                     ffn_down_index: int = 0) -> str:  # fmt: skip
+    """The GGML type a GGUF preset gives a quantizable tensor (before the row-width fallback);
+    llama-quantize's llama_tensor_get_type for deepseek2 (more than 8 experts, MLA's split
+    attn_k_b / attn_v_b, which are no attn_v). Some rules hold only without an imatrix; the
+    low i-quants' ffn_down rule counts ffn_down tensors in file order (`ffn_down_index`: how many
+    came before this one), not layers."""
     if preset in K2_GGUF_MIXES:
         low, down, high, _ = K2_GGUF_MIXES[preset]
         if name == "output.weight":
@@ -71,7 +78,13 @@ def gguf_preset_type(preset: str, name: str, layer: int | None, n_layer: int) ->
     if base in ("F32", "F16", "BF16"):
         return base
     if name == "output.weight":
-        return "Q8_0" if base == "Q8_0" else "Q6_K"
+        return "Q8_0" if base == "Q8_0" else "Q5_K" if preset in _LOW_IQ else "Q6_K"
+    if preset in _LOW_IQ:
+        if name == "token_embd.weight":
+            return "Q2_K"
+        if "ffn_down" in name and ffn_down_index < n_layer // 8:
+            return "Q2_K"
+        return base
     if "ffn_down" in name and layer is not None:
         if preset == "q2_k":
             return "Q3_K"
@@ -79,6 +92,10 @@ def gguf_preset_type(preset: str, name: str, layer: int | None, n_layer: int) ->
             return "Q5_K" if layer < n_layer // 16 else "Q4_K"
         if preset in ("q4_k_m", "q5_k_m") and _more_bits(layer, n_layer):
             return "Q6_K"
+        if preset in ("iq4_nl", "iq4_xs") and not has_imatrix and layer < n_layer // 8:
+            return "Q5_K"
+        if preset == "q4_0" and has_imatrix and layer < n_layer // 8:
+            return "Q4_1"  # llama-quantize's guard for the first ffn_down layers, with an imatrix only
     if "attn_output" in name:
         return {"q2_k": "Q3_K", "q3_k_m": "Q4_K"}.get(preset, base)
     return base
@@ -91,10 +108,11 @@ class Recipe:
     target: str = "safetensors"
     source: str = ""  # the recipe file, named in errors
 
-    def gguf_type(self, name: str, modules: list[str], layer: int | None, n_layer: int) -> str:
+    def gguf_type(self, name: str, modules: list[str], layer: int | None, n_layer: int,
+                  has_imatrix: bool = False, ffn_down_index: int = 0) -> str:  # fmt: skip
         """GGML type of a GGUF tensor (`name`, made of checkpoint `modules`): the preset's rule,
         then overrides matching a module name or the GGUF name. Stacked experts share one type."""
-        base = gguf_preset_type(self.preset, name, layer, n_layer)
+        base = gguf_preset_type(self.preset, name, layer, n_layer, has_imatrix, ffn_down_index)
         chosen = set()
         for mod in modules:
             t = base

@@ -32,7 +32,9 @@ LLAMA_CPP_PYTHON = "0.3.36"  # the version the project was checked with (pyproje
 SETTING = "llama.cpp extra buffer types off (library: use_extra_bufts=False; tools: --no-repack / --repack 0)"
 
 FTYPES = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "Q8_0": 7, "Q4_0": 2,
-          "q2_k": 10, "q3_k_m": 12, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "q8_0": 7}  # fmt: skip
+          "Q4_1": 3, "IQ4_NL": 25, "IQ4_XS": 30, "IQ2_XXS": 19,
+          "q2_k": 10, "q3_k_m": 12, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "q8_0": 7, "q4_0": 2, "iq4_nl": 25,
+          "iq4_xs": 30, "iq2_xxs": 19}  # fmt: skip
 
 
 class LlamaCppCrashed(AssertionError):
@@ -106,6 +108,10 @@ def _quantize(src: str, dst: str, ftype: str, pure: bool, nthread: int, imatrix:
         entries[len(imatrix)].name = None
         p.imatrix = entries
     return llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p))
+
+
+def _quantize_many(jobs: list[tuple]) -> list[int]:
+    return [_quantize(*job) for job in jobs]
 
 
 def _logits(path: str, tokens: list[int], n_ctx: int, beta_fast: float, beta_slow: float) -> tuple[np.ndarray, str]:
@@ -193,6 +199,14 @@ def llama_quantize(src: Path, dst: Path, ftype: str, *, pure: bool = False, nthr
     rc = in_child("_quantize", str(src), str(dst), ftype, pure, nthread, imatrix)
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize failed ({rc}) on {src}")
+
+
+def llama_quantize_many(jobs: list[tuple[Path, Path, str, dict[str, np.ndarray] | None]]) -> None:
+    """llama_model_quantize of each (src, dst, ftype, imatrix) in one child process (one start-up)."""
+    rcs = in_child("_quantize_many", [(str(s), str(d), f, False, 2, im) for s, d, f, im in jobs])
+    bad = [(str(j[1]), rc) for j, rc in zip(jobs, rcs, strict=True) if rc != 0]
+    if bad:
+        raise RuntimeError(f"llama_model_quantize failed: {bad}")
 
 
 def errors_against_llama(ref, theirs, names, importance=None) -> dict[str, tuple[float, float, bool]]:

@@ -25,9 +25,16 @@ from k2quant.recipe import RecipeError, build_recipe
 from k2quant.synthetic import k2_config_dict, write_synthetic_checkpoint
 
 from .conftest import SMALL, assert_peak_rss_independent_of_size
-from .llamacpp import SETTING, errors_against_llama, llama_logits, llama_quantize, llama_tokenize
+from .llamacpp import (
+    SETTING,
+    errors_against_llama,
+    llama_logits,
+    llama_quantize,
+    llama_quantize_many,
+    llama_tokenize,
+)
 
-QTYPES = ["Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+QTYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ2_XXS"]
 
 
 def _weights(rows=48, cols=512, seed=0):
@@ -47,6 +54,10 @@ def _gguf_py(data: torch.Tensor, t: str, cols: int) -> torch.Tensor:
 @pytest.mark.parametrize("t", QTYPES + ["F32", "F16", "BF16"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_encoders_decode_bit_exactly_like_gguf_py(t, weighted):
+    if t in ggml.NEEDS_IMATRIX and not weighted:
+        with pytest.raises(ValueError, match=f"{t} needs an importance matrix"):
+            ggml.quantize(_weights(), t)
+        return
     w = _weights()
     imp = torch.rand(512, generator=torch.Generator().manual_seed(1)) ** 3 * 5 if weighted else None
     data = ggml.quantize(w, t, imp)
@@ -54,7 +65,9 @@ def test_encoders_decode_bit_exactly_like_gguf_py(t, weighted):
     ours = ggml.dequantize(data, t, 512)
     assert torch.equal(ours.view(torch.int32), _gguf_py(data, t, 512).view(torch.int32))
     rel = ((ours - w) ** 2).sum() / (w**2).sum()
-    assert rel < {"Q2_K": 0.12, "Q3_K": 0.04, "Q4_0": 0.02, "Q4_K": 0.01}.get(t, 0.005), rel
+    bound = {"Q2_K": 0.12, "Q3_K": 0.04, "Q4_0": 0.02, "Q4_1": 0.01, "Q4_K": 0.01, "IQ4_NL": 0.01, "IQ4_XS": 0.01,
+             "IQ2_XXS": 0.5}  # fmt: skip
+    assert rel < bound.get(t, 0.005), rel
 
 
 def test_q8_0_is_ggml_reference_byte_for_byte():
@@ -86,7 +99,7 @@ def test_kv_b_split_round_trips(mini_k2):
 def ggufs(mini_k2, tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
     out = {}
-    for preset, split in (("q8_0", None), ("q4_k_m", None), ("bf16", None), ("q8_0", "12M")):
+    for preset, split in (("q8_0", None), ("q4_k_m", None), ("bf16", None), ("q8_0", "12M"), ("iq4_xs", None)):
         d = root / (preset + ("-split" if split else ""))
         convert_gguf(mini_k2["fp8" if preset != "bf16" else "bf16"], d, build_recipe(preset, target="gguf"),
                      split_max_size=split, progress=False)  # fmt: skip
@@ -130,7 +143,7 @@ def test_metadata_and_tensors_are_what_llama_cpp_needs(ggufs, mini_k2):
 
 
 def test_every_tensor_decodes_with_gguf_py_as_k2quant_decodes_it(ggufs):
-    for name in ("q4_k_m", "q8_0-split"):
+    for name in ("q4_k_m", "q8_0-split", "iq4_xs"):
         ck = open_checkpoint(ggufs[name])
         for r in ck.readers:
             for t in r.tensors:
@@ -140,6 +153,52 @@ def test_every_tensor_decodes_with_gguf_py_as_k2quant_decodes_it(ggufs):
                 assert torch.equal(ours.view(torch.int32), ref.view(torch.int32)), t.name
 
 
+@pytest.fixture(scope="module")
+def imatrix(mini_k2, tmp_path_factory) -> Path:
+    """k2quant calibrate's imatrix.gguf of mini-K2 (2048 tokens)."""
+    out = tmp_path_factory.mktemp("calib")
+    r = CliRunner().invoke(main, ["calibrate", str(mini_k2["fp8"]), "--out", str(out), "--tokens", "2048", "--ctx",
+                                  "128", "--min-expert-tokens", "8"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return out / "imatrix.gguf"
+
+
+def test_iq2_xxs_needs_an_imatrix_decodes_and_runs_in_llama_cpp(mini_k2, imatrix, tmp_path):
+    """--preset iq2_xxs: refused without an importance matrix, and with one lacking a tensor's entry,
+    each naming the tensor, before anything is written; with calibrate's imatrix every tensor
+    decodes with gguf-py as k2quant decodes it and llama.cpp's forward on the file agrees with
+    k2quant's."""
+    from k2quant.convert import ConvertError
+    from k2quant.formats.imatrix import write_imatrix
+
+    recipe = build_recipe("iq2_xxs", target="gguf")
+    with pytest.raises(ConvertError, match=r"tensor 'blk\.\d+\.\w+\.weight' is planned as IQ2_XXS.*importance matrix"):
+        convert_gguf(mini_k2["fp8"], tmp_path / "no", recipe, progress=False)
+    partial = tmp_path / "partial.gguf"
+    write_imatrix(partial, {"model.layers.0.self_attn.q_a_proj": torch.ones(512, dtype=torch.float64)},
+                  {"model.layers.0.self_attn.q_a_proj": 8}, 32, ["x.txt"], 1, 8)  # fmt: skip
+    with pytest.raises(ConvertError, match=r"partial.gguf: no importance data for tensor '.*', planned as IQ2_XXS"):
+        convert_gguf(mini_k2["fp8"], tmp_path / "no", recipe, progress=False, imatrix=partial)
+    assert not (tmp_path / "no").exists()
+    convert_gguf(mini_k2["fp8"], tmp_path / "iq2", recipe, method="rtn", progress=False, imatrix=imatrix)
+    path = next((tmp_path / "iq2").glob("*.gguf"))
+    ck = open_checkpoint(path)
+    assert "IQ2_XXS" in {t.tensor_type.name for r in ck.readers for t in r.tensors}
+    for r in ck.readers:
+        for t in r.tensors:
+            ref = gguf.quants.dequantize(t.data, t.tensor_type)
+            ours = ck._decode(t.name)
+            assert torch.equal(ours.view(torch.int32), torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))
+                               .reshape(ours.shape).view(torch.int32)), t.name  # fmt: skip
+    tokens = _eval_tokens(mini_k2, 512)
+    model = open_model(path)
+    rope = model.config.rope
+    theirs = llama_logits(path, tokens, 512, rope.beta_fast, rope.beta_slow)
+    kld, top1 = _kld_top1(model.logits(torch.tensor([tokens]))[0].float().numpy(), theirs)
+    print(f"iq2_xxs: llama.cpp vs k2quant on the same GGUF: mean KLD {kld:.6f}, top-1 {top1:.4f} ({SETTING})")
+    assert kld <= 0.02 and top1 >= 0.95, (kld, top1, SETTING)
+
+
 def _kld_top1(ref: np.ndarray, cand: np.ndarray) -> tuple[float, float]:
     lp = torch.log_softmax(torch.from_numpy(ref).double(), -1)
     lq = torch.log_softmax(torch.from_numpy(cand).double(), -1)
@@ -147,7 +206,7 @@ def _kld_top1(ref: np.ndarray, cand: np.ndarray) -> tuple[float, float]:
     return kld.mean().item(), float((ref.argmax(-1) == cand.argmax(-1)).mean())
 
 
-@pytest.mark.parametrize("name", ["q8_0", "q4_k_m", "q8_0-split"])
+@pytest.mark.parametrize("name", ["q8_0", "q4_k_m", "q8_0-split", "iq4_xs"])
 def test_llama_cpp_runs_the_gguf_like_k2quant(ggufs, mini_k2, name):
     """llama.cpp loads the file (split sets from the first file) and its logits agree with
     k2quant's forward over the same dequantized weights."""
@@ -165,7 +224,7 @@ def test_llama_cpp_runs_the_gguf_like_k2quant(ggufs, mini_k2, name):
     print(f"{msg} ({SETTING})")
     if name.startswith("q8_0"):
         assert kld <= 0.005 and top1 >= 0.98, f"{msg}; {SETTING}"
-    else:  # llama.cpp quantizes activations to 8 bits for k-quant dot products; report, bound loosely
+    else:  # llama.cpp quantizes activations to 8 bits for k-quant and i-quant dot products; bound loosely
         assert kld <= 0.02 and top1 >= 0.95, f"{msg}; {SETTING}"
 
 
@@ -182,11 +241,16 @@ def test_tokenizer_matches_llama_cpp(ggufs, mini_k2):
 _COMPARE = ("blk.2.ffn_down_exps.weight", "blk.1.attn_q_b.weight", "blk.0.ffn_gate.weight")
 
 
-@pytest.mark.parametrize("t", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
-@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize(
+    "t,weighted",
+    [(t, w) for t in ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_1", "IQ4_NL", "IQ4_XS"] for w in (False, True)]
+    + [("IQ2_XXS", True)],
+)
 def test_quantizer_no_worse_than_llama_quantize(ggufs, tmp_path, t, weighted):
     """Same BF16 GGUF, same tensors, same importance: k2quant's error (importance-weighted when
-    there is one) is at most llama_model_quantize's."""
+    there is one) is at most llama_model_quantize's, and for the i-quants `search=False` writes
+    llama.cpp's bytes. IQ2_XXS is made only with an importance matrix (llama.cpp asserts one for
+    every tensor it quantizes: the others get weight 1)."""
     src = next(ggufs["bf16"].glob("*.gguf"))
     ref = open_checkpoint(src)
     g = torch.Generator().manual_seed(3)
@@ -196,8 +260,14 @@ def test_quantizer_no_worse_than_llama_quantize(ggufs, tmp_path, t, weighted):
             shape = tuple(int(x) for x in reversed(ref.by_gguf[name].shape.tolist()))
             nmat = shape[0] if len(shape) == 3 else 1
             imat[name] = torch.rand(nmat, shape[-1], generator=g) ** 4 * 10 + 1e-3
+    given = dict(imat)
+    if t in ggml.NEEDS_IMATRIX:
+        for name, info in ref.by_gguf.items():
+            shape = tuple(int(x) for x in reversed(info.shape.tolist()))
+            if len(shape) > 1 and name not in given:
+                given[name] = torch.ones((shape[0] if len(shape) == 3 else 1) * shape[-1])
     out = tmp_path / f"llama-{t}.gguf"
-    llama_quantize(src, out, t, pure=True, imatrix={k: v.numpy().reshape(-1) for k, v in imat.items()} or None)
+    llama_quantize(src, out, t, pure=True, imatrix={k: v.numpy().reshape(-1) for k, v in given.items()} or None)
     theirs = open_checkpoint(out)
     errors = errors_against_llama(ref, theirs, _COMPARE, imat)
     for name in _COMPARE:
@@ -206,6 +276,14 @@ def test_quantizer_no_worse_than_llama_quantize(ggufs, tmp_path, t, weighted):
         kind = "imatrix" if weighted else "plain"
         print(f"{t} {kind} {name}: k2quant / llama.cpp error = {err_ours / err_theirs:.4f}")
         assert err_ours <= err_theirs * 1.0001, (name, err_ours, err_theirs, SETTING)
+        if t.startswith("IQ"):  # the compiled i-quants run llama.cpp's procedure in the same float32 steps
+            w = ref._decode(name).float()
+            mats = w if w.dim() == 3 else w[None]
+            raw = np.asarray(theirs.by_gguf[name].data).reshape(mats.shape[0], -1)
+            for e in range(mats.shape[0]):
+                col = imat[name][e] if name in imat else None
+                rtn = ggml.quantize(mats[e], t, col, search=False).numpy().reshape(-1)
+                assert np.array_equal(rtn, raw[e]), f"{name}[{e}]: --method rtn is not llama-quantize's {t} bytes"
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -234,6 +312,34 @@ def test_every_q4_k_m_tensor_within_2_percent_of_llama_quantize(ggufs, tmp_path,
           f"max {ratios[worst]:.4f} ({worst}), median {np.median(list(ratios.values())):.4f}")  # fmt: skip
     assert ratios[worst] <= 1.02, (worst, ratios[worst], SETTING)
     assert len(ratios) > 40
+
+
+def test_every_preset_types_tensors_as_llama_quantize(tmp_path):
+    """Each of llama.cpp's file types k2quant names as a preset, with and without an imatrix where
+    llama-quantize's rules depend on one: k2quant's planned type for every tensor is the type in the
+    file llama_model_quantize makes of the same BF16 GGUF. 16 layers, so the rules by layer (the
+    first eighth, use_more_bits) pick some layers and not others; rows of 128 take the fallbacks."""
+    from k2quant.convert_gguf import plan_gguf
+    from k2quant.recipe import LLAMA_FTYPES
+
+    src = _src(tmp_path, layers=16)
+    convert_gguf(src, tmp_path / "bf16", build_recipe("bf16", target="gguf"), progress=False)
+    bf16 = next((tmp_path / "bf16").glob("*.gguf"))
+    ref = open_checkpoint(bf16)
+    imat = {}
+    for name, t in ref.by_gguf.items():
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if len(shape) > 1 and name != "token_embd.weight":
+            imat[name] = np.ones((shape[0] if len(shape) == 3 else 1) * shape[-1], dtype=np.float32)
+    presets = [p for p in LLAMA_FTYPES if p not in ("f32", "f16", "bf16", "iq2_xxs")]  # iq2_xxs needs an imatrix
+    jobs = [(p, False) for p in presets] + [(p, True) for p in ("q4_0", "q4_k_m", "iq4_nl", "iq4_xs", "iq2_xxs")]
+    llama_quantize_many([(bf16, tmp_path / f"{p}-{im}.gguf", p, imat if im else None) for p, im in jobs])
+    ck = open_checkpoint(src)
+    for preset, im in jobs:
+        theirs = {n: t.tensor_type.name for n, t in open_checkpoint(tmp_path / f"{preset}-{im}.gguf").by_gguf.items()}
+        plan = plan_gguf(ck, build_recipe(preset, target="gguf"), "rtn", "x", 0, has_imatrix=im)
+        ours = {t.name: t.type for t in plan.tensors}
+        assert ours == theirs, (preset, im, {n: (ours[n], theirs.get(n)) for n in ours if ours[n] != theirs.get(n)})
 
 
 # ---------------------------------------------------------------------------- pipeline

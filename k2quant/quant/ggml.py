@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import iq2_kernel
+from .iq4_kernel import IQ4_LEVELS, encode_iq4
+
 QK_K = 256
 _TINY = 1e-15  # GROUP_MAX_EPS
 _ELEMS_PER_CHUNK = 1 << 17  # bounds the (blocks x candidates x block) search tensors to ~20 MB each
@@ -45,6 +48,7 @@ TYPES = {
         GGMLType("F16", 1, 1, 2),
         GGMLType("BF16", 30, 1, 2),
         GGMLType("Q4_0", 2, 32, 18),
+        GGMLType("Q4_1", 3, 32, 20),
         GGMLType("Q5_0", 6, 32, 22),
         GGMLType("Q5_1", 7, 32, 24),
         GGMLType("Q8_0", 8, 32, 34),
@@ -53,11 +57,16 @@ TYPES = {
         GGMLType("Q4_K", 12, QK_K, 144),
         GGMLType("Q5_K", 13, QK_K, 176),
         GGMLType("Q6_K", 14, QK_K, 210),
+        GGMLType("IQ4_NL", 20, 32, 18),
+        GGMLType("IQ4_XS", 23, QK_K, 136),
+        GGMLType("IQ2_XXS", 16, QK_K, 66),
     )
 }
 BY_ID = {t.id: t for t in TYPES.values()}
 # llama-quantize's tensor_type_fallback: a row that is not a whole number of 256-blocks
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL",
+            "IQ2_XXS": "IQ4_NL"}  # fmt: skip
+NEEDS_IMATRIX = ("IQ2_XXS",)  # llama-quantize refuses these without an importance matrix
 
 
 def ggml_type(name: str) -> GGMLType:
@@ -469,20 +478,21 @@ def _bits32(bits: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _q5_1(x, qw, sigma2, search):
+def _q_asym32(x, qw, sigma2, nmax, search):
+    """Q4_1 (nmax 15) and Q5_1 (nmax 31): d * L + m."""
     mw = qw if qw is not None else torch.ones_like(x)
     fits = []
     if qw is None or search:
         mn, mx = x.amin(1), x.amax(1)
-        fits.append(((mx - mn) / 31, mn))
+        fits.append(((mx - mn) / nmax, mn))
     if qw is not None or search:
         w = (qw if qw is not None else 1.0) * torch.sqrt(sigma2 + x * x)
-        s, m = _fit_asym(x, w, 31, -0.9, 0.05, 36)
+        s, m = _fit_asym(x, w, nmax, -0.9, 0.05, 36)
         fits.append((s, -m))
 
     def requant(d, m):
         nz = (d != 0)[:, None]
-        L = torch.where(nz, torch.clamp(_rint((x - m[:, None]) / torch.where(nz, d[:, None], 1.0)), 0, 31), 0)
+        L = torch.where(nz, torch.clamp(_rint((x - m[:, None]) / torch.where(nz, d[:, None], 1.0)), 0, nmax), 0)
         return {"d": d, "m": m, "L": L, "deq": d[:, None] * L + m[:, None]}
 
     c = _pick([requant(_fp16(d), _fp16(m)) for d, m in fits], x, mw)
@@ -490,6 +500,8 @@ def _q5_1(x, qw, sigma2, search):
         c = _polish(c, x, mw, requant, ("d", "m"))
     L = c["L"].to(torch.uint8)
     qs = (L[:, :16] & 0xF) | ((L[:, 16:] & 0xF) << 4)
+    if nmax == 15:
+        return torch.cat([_bytes_f16(c["d"]), _bytes_f16(c["m"]), qs], 1)
     return torch.cat([_bytes_f16(c["d"]), _bytes_f16(c["m"]), _bits32(L >> 4), qs], 1)
 
 
@@ -517,6 +529,16 @@ def quantize(
         return w.to(torch.float32).contiguous().view(torch.uint8)
     if t.name in ("F16", "BF16"):
         return w.to(torch.float16 if t.name == "F16" else torch.bfloat16).contiguous().view(torch.uint8)
+    if t.name in ("IQ4_NL", "IQ4_XS"):  # compiled: llama.cpp's search, then k2quant's (iq4_kernel.py)
+        imp = None if importance is None else importance.to(torch.float32).reshape(cols).numpy()
+        return torch.from_numpy(encode_iq4(w.to(torch.float32).numpy(), imp, t.name == "IQ4_XS", search,
+                                           torch.get_num_threads()))  # fmt: skip
+    if t.name == "IQ2_XXS":
+        if importance is None:
+            raise ValueError("IQ2_XXS needs an importance matrix (llama-quantize refuses it without one)")
+        imp = importance.to(torch.float32).reshape(cols).numpy()
+        return torch.from_numpy(iq2_kernel.encode_iq2_xxs(w.to(torch.float32).numpy(), imp, search,
+                                                          torch.get_num_threads()))  # fmt: skip
     if importance is not None:
         importance = importance.to(torch.float32).reshape(1, cols)
     rows_per_chunk = max(1, _ELEMS_PER_CHUNK // cols)
@@ -531,8 +553,8 @@ def quantize(
             enc = _q8_0(xb)
         elif t.name in ("Q4_0", "Q5_0"):
             enc = _q_sym32(xb, qw, sigma2, 8 if t.name == "Q4_0" else 16, search)
-        elif t.name == "Q5_1":
-            enc = _q5_1(xb, qw, sigma2, search)
+        elif t.name in ("Q4_1", "Q5_1"):
+            enc = _q_asym32(xb, qw, sigma2, 15 if t.name == "Q4_1" else 31, search)
         elif t.name == "Q2_K":
             enc = _q2_k(xb, qw, search)
         elif t.name == "Q3_K":
@@ -555,6 +577,16 @@ def _unpack2(qs: torch.Tensor) -> torch.Tensor:
     return (q & 3).reshape(B, QK_K)
 
 
+_K4 = torch.tensor(IQ4_LEVELS, dtype=torch.float32)
+_IQ2_XXS_GRID = torch.from_numpy(iq2_kernel.grid()[0])
+_POPCOUNT7 = torch.tensor([bin(i).count("1") for i in range(128)])
+
+
+def _unpack_nibbles32(qs: torch.Tensor) -> torch.Tensor:
+    """(B, 16) bytes -> (B, 32) 4-bit indices (low nibbles first): _pack_nibbles32's inverse."""
+    return torch.cat([qs & 0xF, qs >> 4], 1).long()
+
+
 def _k_scales(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     d, m, md = sc[:, :4], sc[:, 4:8], sc[:, 8:]
     s = torch.cat([d & 63, (md & 0xF) | ((d >> 2) & 0x30)], 1)
@@ -575,14 +607,14 @@ def dequantize(data: torch.Tensor, type_name: str, cols: int) -> torch.Tensor:
     B = b.shape[0]
     if t.name == "Q8_0":
         y = b[:, 2:].view(torch.int8).to(torch.float32) * _f16(b[:, :2])
-    elif t.name in ("Q4_0", "Q5_0", "Q5_1"):
-        off = {"Q4_0": 2, "Q5_0": 6, "Q5_1": 8}[t.name]
+    elif t.name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        off = {"Q4_0": 2, "Q4_1": 4, "Q5_0": 6, "Q5_1": 8}[t.name]
         qs = b[:, off:]
         q = torch.cat([qs & 0xF, qs >> 4], 1)
-        if t.name != "Q4_0":
+        if t.name in ("Q5_0", "Q5_1"):
             qh = b[:, off - 4 : off].view(B, 4, 1) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8)
             q = q | ((qh & 1).reshape(B, 32) << 4)
-        if t.name == "Q5_1":
+        if t.name in ("Q4_1", "Q5_1"):
             y = _f16(b[:, :2]) * q.to(torch.float32) + _f16(b[:, 2:4])
         else:
             y = _f16(b[:, :2]) * (q.to(torch.int8) - (8 if t.name == "Q4_0" else 16)).to(torch.float32)
@@ -613,6 +645,23 @@ def dequantize(data: torch.Tensor, type_name: str, cols: int) -> torch.Tensor:
             qh = b[:, 16:48].view(B, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 8, 1)
             q = q | ((qh & 1) << 4)
         y = de * q.to(torch.float32) - me
+    elif t.name == "IQ4_NL":
+        y = _f16(b[:, :2]) * _K4[_unpack_nibbles32(b[:, 2:])]
+    elif t.name == "IQ4_XS":
+        hi = b[:, 2:4].contiguous().view(torch.int16).to(torch.int32).view(B, 1) >> torch.arange(0, 16, 2).view(1, 8)
+        lo = (b[:, 4:8].view(B, 4, 1) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2)).reshape(B, 8) & 0xF
+        ls = (lo.to(torch.int32) | ((hi & 3) << 4)) - 32
+        dl = (_f16(b[:, :2]) * ls.to(torch.float32)).view(B, 8, 1)
+        y = dl * _K4[_unpack_nibbles32(b[:, 8:].reshape(B * 8, 16))].view(B, 8, 32)
+    elif t.name == "IQ2_XXS":
+        words = b[:, 2:].reshape(B, 8, 2, 4).to(torch.int64) << torch.tensor([0, 8, 16, 24]).view(1, 1, 1, 4)
+        q1 = words[:, :, 1].sum(-1)  # per 32 weights: 4 x 7 sign bits, then the 4-bit multiple
+        db = (_f16(b[:, :2]) * (0.5 + (q1 >> 28).to(torch.float32)) * 0.25).view(B, 8, 1, 1)
+        s7 = (q1.view(B, 8, 1) >> torch.tensor([0, 7, 14, 21]).view(1, 1, 4)) & 127
+        s8 = s7 | ((_POPCOUNT7[s7] & 1) << 7)  # the 8th sign makes the count of minus signs even
+        neg = (s8.unsqueeze(-1) >> torch.arange(8).view(1, 1, 1, 8)) & 1
+        g = _IQ2_XXS_GRID[b[:, 2:].reshape(B, 8, 8)[:, :, :4].long()]  # (B, 8, 4, 8)
+        y = db * g * (1 - 2 * neg).to(torch.float32)
     else:  # Q6_K
         ql, qh, sc, d = b[:, :128], b[:, 128:192], b[:, 192:208], _f16(b[:, 208:210])
         de = (d * sc.view(torch.int8).to(torch.float32)).view(B, 16, 1)
