@@ -41,8 +41,8 @@ PRESETS: dict[str, dict[str, str]] = {
 LLAMA_FTYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7), "q4_0": ("Q4_0", 2),
                 "q2_k": ("Q2_K", 10), "q3_k_m": ("Q3_K", 12), "q4_k_m": ("Q4_K", 15), "q5_k_m": ("Q5_K", 17),
                 "q6_k": ("Q6_K", 18), "iq4_nl": ("IQ4_NL", 25), "iq4_xs": ("IQ4_XS", 30),
-                "iq2_xxs": ("IQ2_XXS", 19)}  # fmt: skip
-_LOW_IQ = ("iq2_xxs",)  # the 1-2 bit i-quant file types, whose rules llama-quantize keeps apart
+                "iq2_xxs": ("IQ2_XXS", 19), "iq2_xs": ("IQ2_XS", 20)}  # fmt: skip
+_LOW_IQ = ("iq2_xxs", "iq2_xs")  # the 1-2 bit i-quant file types, whose rules llama-quantize keeps apart
 K2_GGUF_MIXES = {  # experts gate/up, experts down, everything else (attention, shared, dense, embeddings), file type
     "k2-q4": ("Q4_K", "Q5_K", "Q8_0", 15),
     "k2-q3": ("Q3_K", "Q4_K", "Q6_K", 12),

@@ -32,9 +32,9 @@ LLAMA_CPP_PYTHON = "0.3.36"  # the version the project was checked with (pyproje
 SETTING = "llama.cpp extra buffer types off (library: use_extra_bufts=False; tools: --no-repack / --repack 0)"
 
 FTYPES = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "Q8_0": 7, "Q4_0": 2,
-          "Q4_1": 3, "IQ4_NL": 25, "IQ4_XS": 30, "IQ2_XXS": 19,
+          "Q4_1": 3, "IQ4_NL": 25, "IQ4_XS": 30, "IQ2_XXS": 19, "IQ2_XS": 20,
           "q2_k": 10, "q3_k_m": 12, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "q8_0": 7, "q4_0": 2, "iq4_nl": 25,
-          "iq4_xs": 30, "iq2_xxs": 19}  # fmt: skip
+          "iq4_xs": 30, "iq2_xxs": 19, "iq2_xs": 20}  # fmt: skip
 
 
 class LlamaCppCrashed(AssertionError):
@@ -225,12 +225,14 @@ def errors_against_llama(ref, theirs, names, importance=None) -> dict[str, tuple
         mats = w if w.dim() == 3 else w[None]
         lw = theirs._decode(name).float().reshape(mats.shape)
         imp = (importance or {}).get(name)
+        if imp is not None and imp.shape[-1] != mats.shape[-1] and imp.shape[-1] % mats.shape[-1] == 0:
+            imp = imp.reshape(-1, mats.shape[-1])  # attn_k_b / attn_v_b: one row of heads x cols
         use = imp is not None and imp.shape[-1] == mats.shape[-1]
         ours = llama = 0.0
         for e in range(mats.shape[0]):
             col = imp[e if imp.shape[0] > 1 else 0] if use else None
             mw = col if col is not None else torch.ones(mats.shape[-1])
-            q = ggml.dequantize(ggml.quantize(mats[e], t, col), t, mats.shape[-1])
+            q = ggml.dequantize(ggml.quantize(mats[e], t, mw if t in ggml.NEEDS_IMATRIX else col), t, mats.shape[-1])
             ours += ((q - mats[e]) ** 2 * mw).sum().item()
             llama += ((lw[e] - mats[e]) ** 2 * mw).sum().item()
         out[name] = (ours, llama, use)

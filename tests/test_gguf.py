@@ -34,7 +34,22 @@ from .llamacpp import (
     llama_tokenize,
 )
 
-QTYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ2_XXS"]
+QTYPES = [
+    "Q8_0",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+    "IQ4_NL",
+    "IQ4_XS",
+    "IQ2_XXS",
+    "IQ2_XS",
+]
 
 
 def _weights(rows=48, cols=512, seed=0):
@@ -66,7 +81,7 @@ def test_encoders_decode_bit_exactly_like_gguf_py(t, weighted):
     assert torch.equal(ours.view(torch.int32), _gguf_py(data, t, 512).view(torch.int32))
     rel = ((ours - w) ** 2).sum() / (w**2).sum()
     bound = {"Q2_K": 0.12, "Q3_K": 0.04, "Q4_0": 0.02, "Q4_1": 0.01, "Q4_K": 0.01, "IQ4_NL": 0.01, "IQ4_XS": 0.01,
-             "IQ2_XXS": 0.5}  # fmt: skip
+             "IQ2_XXS": 0.5, "IQ2_XS": 0.5}  # fmt: skip
     assert rel < bound.get(t, 0.005), rel
 
 
@@ -163,39 +178,40 @@ def imatrix(mini_k2, tmp_path_factory) -> Path:
     return out / "imatrix.gguf"
 
 
-def test_iq2_xxs_needs_an_imatrix_decodes_and_runs_in_llama_cpp(mini_k2, imatrix, tmp_path):
-    """--preset iq2_xxs: refused without an importance matrix, and with one lacking a tensor's entry,
+@pytest.mark.parametrize("preset", ["iq2_xxs", "iq2_xs"])
+def test_iq2_needs_an_imatrix_decodes_and_runs_in_llama_cpp(mini_k2, imatrix, tmp_path, preset):
+    """--preset iq2_xxs / iq2_xs: refused without an importance matrix, and with one lacking a tensor's entry,
     each naming the tensor, before anything is written; with calibrate's imatrix every tensor
     decodes with gguf-py as k2quant decodes it and llama.cpp's forward on the file agrees with
     k2quant's."""
     from k2quant.convert import ConvertError
     from k2quant.formats.imatrix import write_imatrix
 
-    recipe = build_recipe("iq2_xxs", target="gguf")
-    with pytest.raises(ConvertError, match=r"tensor 'blk\.\d+\.\w+\.weight' is planned as IQ2_XXS.*importance matrix"):
+    recipe, t = build_recipe(preset, target="gguf"), preset.upper()
+    with pytest.raises(ConvertError, match=rf"tensor 'blk\.\d+\.\w+\.weight' is planned as {t}.*importance matrix"):
         convert_gguf(mini_k2["fp8"], tmp_path / "no", recipe, progress=False)
     partial = tmp_path / "partial.gguf"
     write_imatrix(partial, {"model.layers.0.self_attn.q_a_proj": torch.ones(512, dtype=torch.float64)},
                   {"model.layers.0.self_attn.q_a_proj": 8}, 32, ["x.txt"], 1, 8)  # fmt: skip
-    with pytest.raises(ConvertError, match=r"partial.gguf: no importance data for tensor '.*', planned as IQ2_XXS"):
+    with pytest.raises(ConvertError, match=rf"partial.gguf: no importance data for tensor '.*', planned as {t}"):
         convert_gguf(mini_k2["fp8"], tmp_path / "no", recipe, progress=False, imatrix=partial)
     assert not (tmp_path / "no").exists()
     convert_gguf(mini_k2["fp8"], tmp_path / "iq2", recipe, method="rtn", progress=False, imatrix=imatrix)
     path = next((tmp_path / "iq2").glob("*.gguf"))
     ck = open_checkpoint(path)
-    assert "IQ2_XXS" in {t.tensor_type.name for r in ck.readers for t in r.tensors}
+    assert t in {x.tensor_type.name for r in ck.readers for x in r.tensors}
     for r in ck.readers:
-        for t in r.tensors:
-            ref = gguf.quants.dequantize(t.data, t.tensor_type)
-            ours = ck._decode(t.name)
+        for x in r.tensors:
+            ref = gguf.quants.dequantize(x.data, x.tensor_type)
+            ours = ck._decode(x.name)
             assert torch.equal(ours.view(torch.int32), torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32))
-                               .reshape(ours.shape).view(torch.int32)), t.name  # fmt: skip
+                               .reshape(ours.shape).view(torch.int32)), x.name  # fmt: skip
     tokens = _eval_tokens(mini_k2, 512)
     model = open_model(path)
     rope = model.config.rope
     theirs = llama_logits(path, tokens, 512, rope.beta_fast, rope.beta_slow)
     kld, top1 = _kld_top1(model.logits(torch.tensor([tokens]))[0].float().numpy(), theirs)
-    print(f"iq2_xxs: llama.cpp vs k2quant on the same GGUF: mean KLD {kld:.6f}, top-1 {top1:.4f} ({SETTING})")
+    print(f"{preset}: llama.cpp vs k2quant on the same GGUF: mean KLD {kld:.6f}, top-1 {top1:.4f} ({SETTING})")
     assert kld <= 0.02 and top1 >= 0.95, (kld, top1, SETTING)
 
 
@@ -244,7 +260,7 @@ _COMPARE = ("blk.2.ffn_down_exps.weight", "blk.1.attn_q_b.weight", "blk.0.ffn_ga
 @pytest.mark.parametrize(
     "t,weighted",
     [(t, w) for t in ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_1", "IQ4_NL", "IQ4_XS"] for w in (False, True)]
-    + [("IQ2_XXS", True)],
+    + [("IQ2_XXS", True), ("IQ2_XS", True)],
 )
 def test_quantizer_no_worse_than_llama_quantize(ggufs, tmp_path, t, weighted):
     """Same BF16 GGUF, same tensors, same importance: k2quant's error (importance-weighted when
@@ -314,6 +330,9 @@ def test_every_q4_k_m_tensor_within_2_percent_of_llama_quantize(ggufs, tmp_path,
     assert len(ratios) > 40
 
 
+IMATRIX_RULES = ("q4_0", "q4_k_m", "iq4_nl", "iq4_xs")  # presets whose rules differ with an imatrix (and one without)
+
+
 def test_every_preset_types_tensors_as_llama_quantize(tmp_path):
     """Each of llama.cpp's file types k2quant names as a preset, with and without an imatrix where
     llama-quantize's rules depend on one: k2quant's planned type for every tensor is the type in the
@@ -331,8 +350,9 @@ def test_every_preset_types_tensors_as_llama_quantize(tmp_path):
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
         if len(shape) > 1 and name != "token_embd.weight":
             imat[name] = np.ones((shape[0] if len(shape) == 3 else 1) * shape[-1], dtype=np.float32)
-    presets = [p for p in LLAMA_FTYPES if p not in ("f32", "f16", "bf16", "iq2_xxs")]  # iq2_xxs needs an imatrix
-    jobs = [(p, False) for p in presets] + [(p, True) for p in ("q4_0", "q4_k_m", "iq4_nl", "iq4_xs", "iq2_xxs")]
+    presets = [p for p in LLAMA_FTYPES if p not in ("f32", "f16", "bf16")]
+    plain = [p for p in presets if LLAMA_FTYPES[p][0] not in ggml.NEEDS_IMATRIX]  # the others need an imatrix
+    jobs = [(p, False) for p in plain] + [(p, True) for p in presets if p not in plain or p in IMATRIX_RULES]
     llama_quantize_many([(bf16, tmp_path / f"{p}-{im}.gguf", p, imat if im else None) for p, im in jobs])
     ck = open_checkpoint(src)
     for preset, im in jobs:

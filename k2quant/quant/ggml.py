@@ -60,13 +60,14 @@ TYPES = {
         GGMLType("IQ4_NL", 20, 32, 18),
         GGMLType("IQ4_XS", 23, QK_K, 136),
         GGMLType("IQ2_XXS", 16, QK_K, 66),
+        GGMLType("IQ2_XS", 17, QK_K, 74),
     )
 }
 BY_ID = {t.id: t for t in TYPES.values()}
 # llama-quantize's tensor_type_fallback: a row that is not a whole number of 256-blocks
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL",
-            "IQ2_XXS": "IQ4_NL"}  # fmt: skip
-NEEDS_IMATRIX = ("IQ2_XXS",)  # llama-quantize refuses these without an importance matrix
+            "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL"}  # fmt: skip
+NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS")  # llama-quantize refuses these without an importance matrix
 
 
 def ggml_type(name: str) -> GGMLType:
@@ -533,12 +534,12 @@ def quantize(
         imp = None if importance is None else importance.to(torch.float32).reshape(cols).numpy()
         return torch.from_numpy(encode_iq4(w.to(torch.float32).numpy(), imp, t.name == "IQ4_XS", search,
                                            torch.get_num_threads()))  # fmt: skip
-    if t.name == "IQ2_XXS":
+    if t.name in ("IQ2_XXS", "IQ2_XS"):
         if importance is None:
-            raise ValueError("IQ2_XXS needs an importance matrix (llama-quantize refuses it without one)")
+            raise ValueError(f"{t.name} needs an importance matrix (llama-quantize refuses it without one)")
         imp = importance.to(torch.float32).reshape(cols).numpy()
-        return torch.from_numpy(iq2_kernel.encode_iq2_xxs(w.to(torch.float32).numpy(), imp, search,
-                                                          torch.get_num_threads()))  # fmt: skip
+        return torch.from_numpy(iq2_kernel.encode_iq2(w.to(torch.float32).numpy(), imp, t.name, search,
+                                                      torch.get_num_threads()))  # fmt: skip
     if importance is not None:
         importance = importance.to(torch.float32).reshape(1, cols)
     rows_per_chunk = max(1, _ELEMS_PER_CHUNK // cols)
@@ -578,7 +579,7 @@ def _unpack2(qs: torch.Tensor) -> torch.Tensor:
 
 
 _K4 = torch.tensor(IQ4_LEVELS, dtype=torch.float32)
-_IQ2_XXS_GRID = torch.from_numpy(iq2_kernel.grid()[0])
+_IQ2_GRID = {name: torch.from_numpy(iq2_kernel.grid(cls)[0]) for name, cls in iq2_kernel.CLASSES.items()}
 _POPCOUNT7 = torch.tensor([bin(i).count("1") for i in range(128)])
 
 
@@ -660,7 +661,16 @@ def dequantize(data: torch.Tensor, type_name: str, cols: int) -> torch.Tensor:
         s7 = (q1.view(B, 8, 1) >> torch.tensor([0, 7, 14, 21]).view(1, 1, 4)) & 127
         s8 = s7 | ((_POPCOUNT7[s7] & 1) << 7)  # the 8th sign makes the count of minus signs even
         neg = (s8.unsqueeze(-1) >> torch.arange(8).view(1, 1, 1, 8)) & 1
-        g = _IQ2_XXS_GRID[b[:, 2:].reshape(B, 8, 8)[:, :, :4].long()]  # (B, 8, 4, 8)
+        g = _IQ2_GRID["IQ2_XXS"][b[:, 2:].reshape(B, 8, 8)[:, :, :4].long()]  # (B, 8, 4, 8)
+        y = db * g * (1 - 2 * neg).to(torch.float32)
+    elif t.name == "IQ2_XS":
+        q = (b[:, 2:66].reshape(B, 32, 2).to(torch.int64) << torch.tensor([0, 8])).sum(-1)  # index | signs << 9
+        sc = (b[:, 66:74].view(B, 8, 1) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2)).reshape(B, 16) & 0xF
+        db = (_f16(b[:, :2]) * (0.5 + sc.to(torch.float32)) * 0.25).view(B, 16, 1, 1)
+        s7 = (q >> 9).view(B, 16, 2)
+        s8 = s7 | ((_POPCOUNT7[s7] & 1) << 7)
+        neg = (s8.unsqueeze(-1) >> torch.arange(8).view(1, 1, 1, 8)) & 1
+        g = _IQ2_GRID["IQ2_XS"][(q & 511).view(B, 16, 2)]  # (B, 16, 2, 8)
         y = db * g * (1 - 2 * neg).to(torch.float32)
     else:  # Q6_K
         ql, qh, sc, d = b[:, :128], b[:, 128:192], b[:, 192:208], _f16(b[:, 208:210])
