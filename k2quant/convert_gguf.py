@@ -120,7 +120,8 @@ def plan_gguf(ck: Checkpoint, recipe: Recipe, method: str, stem: str, split_max_
         if gt.kind == "f32":
             t = "F32"
         else:
-            t = recipe.gguf_type(gt.name, gt.modules, gt.layer, cfg.num_hidden_layers, has_imatrix, ffn_down)
+            t = recipe.gguf_type(gt.name, gt.modules, gt.layer, cfg.num_hidden_layers, has_imatrix, ffn_down,
+                                 gt.shape[-1])  # fmt: skip
             t = ggml.fit_type(t, gt.shape[-1])
             ffn_down += "ffn_down" in gt.name
         nbytes = math.prod(gt.shape[:-1]) * ggml.TYPES[t].row_bytes(gt.shape[-1])
@@ -163,14 +164,15 @@ class _Importance:
         if index >= sums.shape[0]:
             index = 0
         n = counts[index] if counts.shape[0] > index else counts[0]
-        if n <= 0:
-            return None  # no data: llama-quantize uses weight 1, i.e. the unweighted search
+        if n <= 0:  # no token reached it: llama-quantize's load_imatrix gives each column weight 1 (still weighted)
+            return torch.ones(sums.shape[1])
         return torch.from_numpy(np.asarray(sums[index], dtype=np.float32) / np.float32(n))
 
 
 def _check_importance(plan: GGUFPlan, imatrix: str | Path | None) -> None:
-    """Types llama-quantize makes only with an importance matrix (IQ2_XXS, ...) need an entry with
-    data for each tensor planned in them; refused before anything is written, the tensor named."""
+    """Types llama-quantize makes only with an importance matrix (IQ2_XXS, ...) need an imatrix
+    entry for each tensor planned in them (an expert in it that saw no token gets weight 1, as in
+    llama-quantize); refused before anything is written, the tensor named."""
     need = [t for t in plan.tensors if t.type in ggml.NEEDS_IMATRIX]
     if not need:
         return
@@ -181,9 +183,8 @@ def _check_importance(plan: GGUFPlan, imatrix: str | Path | None) -> None:
                            "imatrix.gguf), or choose another type for it")  # fmt: skip
     have = read_imatrix_gguf(imatrix, {t.name for t in need})
     for t in need:
-        entry = have.get(t.name)
-        if entry is None or not (np.asarray(entry[1]) > 0).any():
-            raise ConvertError(f"{imatrix}: no importance data for tensor '{t.name}', planned as {t.type}, which "
+        if t.name not in have:
+            raise ConvertError(f"{imatrix}: no importance entry for tensor '{t.name}', planned as {t.type}, which "
                                "llama-quantize (and k2quant) make only with an importance matrix")  # fmt: skip
 
 
@@ -230,8 +231,6 @@ def _run(task: tuple) -> bytes:
 
 
 def _quantize(w: torch.Tensor, typ: str, importance: torch.Tensor | None, search: bool) -> bytes:
-    if importance is None and typ in ggml.NEEDS_IMATRIX:  # an expert or head the imatrix saw no token for
-        importance = torch.ones(w.shape[1])  # llama-quantize's weight for it: 1
     return ggml.quantize(w, typ, importance, search).numpy().tobytes()
 
 

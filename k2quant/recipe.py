@@ -61,12 +61,13 @@ def _more_bits(layer: int, n_layer: int) -> bool:
 
 
 def gguf_preset_type(preset: str, name: str, layer: int | None, n_layer: int, has_imatrix: bool = False,
-                     ffn_down_index: int = 0) -> str:  # fmt: skip
+                     ffn_down_index: int = 0, ncols: int = 0) -> str:  # fmt: skip
     """The GGML type a GGUF preset gives a quantizable tensor (before the row-width fallback);
     llama-quantize's llama_tensor_get_type for deepseek2 (more than 8 experts, MLA's split
     attn_k_b / attn_v_b, which are no attn_v). Some rules hold only without an imatrix; the
     low i-quants' ffn_down rule counts ffn_down tensors in file order (`ffn_down_index`: how many
-    came before this one), not layers."""
+    came before this one), not layers. `ncols`: the row width (`output` is Q8_0 when the file
+    type's blocks do not divide it). The rules for exactly 8 experts are not modelled (K2 has 384)."""
     if preset in K2_GGUF_MIXES:
         low, down, high, _ = K2_GGUF_MIXES[preset]
         if name == "output.weight":
@@ -78,7 +79,9 @@ def gguf_preset_type(preset: str, name: str, layer: int | None, n_layer: int, ha
     if base in ("F32", "F16", "BF16"):
         return base
     if name == "output.weight":
-        return "Q8_0" if base == "Q8_0" else "Q5_K" if preset in _LOW_IQ else "Q6_K"
+        if base == "Q8_0" or (ncols and ncols % ggml_type(base).block):
+            return "Q8_0"
+        return "Q5_K" if preset in _LOW_IQ else "Q6_K"
     if preset in _LOW_IQ:
         if name == "token_embd.weight":
             return "Q2_K"
@@ -109,10 +112,10 @@ class Recipe:
     source: str = ""  # the recipe file, named in errors
 
     def gguf_type(self, name: str, modules: list[str], layer: int | None, n_layer: int,
-                  has_imatrix: bool = False, ffn_down_index: int = 0) -> str:  # fmt: skip
+                  has_imatrix: bool = False, ffn_down_index: int = 0, ncols: int = 0) -> str:  # fmt: skip
         """GGML type of a GGUF tensor (`name`, made of checkpoint `modules`): the preset's rule,
         then overrides matching a module name or the GGUF name. Stacked experts share one type."""
-        base = gguf_preset_type(self.preset, name, layer, n_layer, has_imatrix, ffn_down_index)
+        base = gguf_preset_type(self.preset, name, layer, n_layer, has_imatrix, ffn_down_index, ncols)
         chosen = set()
         for mod in modules:
             t = base

@@ -95,6 +95,27 @@ def test_row_width_fallbacks_follow_llama_quantize():
     assert [ggml.fit_type(t, 128) for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")] == [
         "Q4_0", "Q4_0", "Q5_0", "Q5_1", "Q8_0", "Q8_0"]  # fmt: skip
     assert ggml.fit_type("Q4_K", 48) == "F16" and ggml.fit_type("Q4_K", 512) == "Q4_K"
+    assert [ggml.fit_type(t, 128) for t in ("IQ4_XS", "IQ2_XXS", "IQ2_XS", "IQ4_NL")] == ["IQ4_NL"] * 4
+    # llama-quantize: `output` is Q8_0 when the file type's blocks do not divide its rows
+    from k2quant.recipe import gguf_preset_type
+
+    cases = (("iq2_xxs", 7168), ("iq2_xxs", 288), ("q4_k_m", 288), ("iq4_nl", 288))
+    types = [gguf_preset_type(p, "output.weight", None, 61, True, 0, n) for p, n in cases]
+    assert types == ["Q5_K", "Q8_0", "Q8_0", "Q6_K"]
+
+
+def test_an_expert_the_imatrix_never_saw_gets_weight_one(tmp_path):
+    """llama-quantize's imatrix loader gives a zero-count slice weight 1 per column (it still
+    quantizes with an imatrix); so does k2quant, for every type."""
+    from k2quant.convert_gguf import _Importance
+    from k2quant.formats.imatrix import write_imatrix
+
+    names = [f"model.layers.1.mlp.experts.{e}.down_proj" for e in (0, 1)]
+    sums = {n: torch.full((64,), 2.0, dtype=torch.float64) for n in names}
+    write_imatrix(tmp_path / "im.gguf", sums, dict(zip(names, (4, 0), strict=True)), 2, ["x"], 1, 4)
+    imp = _Importance(str(tmp_path / "im.gguf"), {"blk.1.ffn_down_exps.weight"})
+    assert torch.equal(imp.get("blk.1.ffn_down_exps.weight", 0), torch.full((64,), 0.5))
+    assert torch.equal(imp.get("blk.1.ffn_down_exps.weight", 1), torch.ones(64))
     with pytest.raises(ValueError, match="multiple of 256"):
         ggml.quantize(torch.zeros(2, 128), "Q4_K")
 
@@ -193,7 +214,7 @@ def test_iq2_needs_an_imatrix_decodes_and_runs_in_llama_cpp(mini_k2, imatrix, tm
     partial = tmp_path / "partial.gguf"
     write_imatrix(partial, {"model.layers.0.self_attn.q_a_proj": torch.ones(512, dtype=torch.float64)},
                   {"model.layers.0.self_attn.q_a_proj": 8}, 32, ["x.txt"], 1, 8)  # fmt: skip
-    with pytest.raises(ConvertError, match=rf"partial.gguf: no importance data for tensor '.*', planned as {t}"):
+    with pytest.raises(ConvertError, match=rf"partial.gguf: no importance entry for tensor '.*', planned as {t}"):
         convert_gguf(mini_k2["fp8"], tmp_path / "no", recipe, progress=False, imatrix=partial)
     assert not (tmp_path / "no").exists()
     convert_gguf(mini_k2["fp8"], tmp_path / "iq2", recipe, method="rtn", progress=False, imatrix=imatrix)

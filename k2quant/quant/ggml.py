@@ -530,6 +530,8 @@ def quantize(
         return w.to(torch.float32).contiguous().view(torch.uint8)
     if t.name in ("F16", "BF16"):
         return w.to(torch.float16 if t.name == "F16" else torch.bfloat16).contiguous().view(torch.uint8)
+    if t.name.startswith("IQ") and not torch.isfinite(w).all():
+        raise ValueError(f"{t.name}: the weight holds NaN or infinite values")
     if t.name in ("IQ4_NL", "IQ4_XS"):  # compiled: llama.cpp's search, then k2quant's (iq4_kernel.py)
         imp = None if importance is None else importance.to(torch.float32).reshape(cols).numpy()
         return torch.from_numpy(encode_iq4(w.to(torch.float32).numpy(), imp, t.name == "IQ4_XS", search,
