@@ -155,6 +155,7 @@ def _pack(L, o, out, p):
 @njit(cache=True)
 def _nl_row(v, nudge, x, imp, has_imp, search, w, mw, L, T, out):
     n = x.shape[0]
+    cands = np.empty(6, dtype=np.float32)
     for o in range(0, n, 32):
         _weights(x, imp, o, 32, has_imp, w)
         d = _block_scale(v, x, w, o)
@@ -164,11 +165,10 @@ def _nl_row(v, nudge, x, imp, has_imp, search, w, mw, L, T, out):
             L[j] = _best_index(v, inv * x[j])
         if search:
             best = _error(v, x, mw, o, d16, L)
-            cands = np.empty(6, dtype=np.float32)
             cands[0] = d16
             for k in range(4):
                 cands[1 + k] = _round16(d16 * nudge[k])
-            e = _requant(v, x, mw, o, d16, T)  # the levels against the stored scale, then refit to them
+            _requant(v, x, mw, o, d16, T)  # the levels against the stored scale, then refit to them
             sqx, sq2 = 0.0, 0.0
             for j in range(o, o + 32):
                 q = v[T[j]]
@@ -192,6 +192,7 @@ def _xs_row(v, nudge, x, imp, has_imp, search, w, mw, L, T, out):
     n = x.shape[0]
     scales = np.empty(8, dtype=np.float32)
     ls = np.empty(8, dtype=np.int64)
+    cand_ls = np.empty(8, dtype=np.int64)
     for o in range(0, n, 256):
         _weights(x, imp, o, 256, has_imp, w)
         amax, mx = _ZERO, _ZERO
@@ -214,7 +215,6 @@ def _xs_row(v, nudge, x, imp, has_imp, search, w, mw, L, T, out):
                 D = d16 if k == 0 else _round16(d16 * nudge[k - 1])
                 invD = _ONE / D if D != 0 else _ZERO
                 cand_total = 0.0
-                cand_ls = np.empty(8, dtype=np.int64)
                 for ib in range(8):  # each block's multiple: l0 - 1, l0, l0 + 1 under D, as decoded
                     bo = o + 32 * ib
                     l0 = min(31, max(-32, np.int64(np.rint(invD * scales[ib]))))
