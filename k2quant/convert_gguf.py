@@ -172,8 +172,10 @@ class _Importance:
 def _check_importance(plan: GGUFPlan, imatrix: str | Path | None) -> None:
     """Types llama-quantize makes only with an importance matrix (IQ2_XXS, ...) need an imatrix
     entry for each tensor planned in them (an expert in it that saw no token gets weight 1, as in
-    llama-quantize); refused before anything is written, the tensor named."""
-    need = [t for t in plan.tensors if t.type in ggml.NEEDS_IMATRIX]
+    llama-quantize); refused before anything is written, the tensor named. token_embd and output
+    are exempt, as in llama-quantize, where ggml's encoder has no-imatrix weights (not IQ2_XXS / IQ2_XS)."""
+    need = [t for t in plan.tensors if t.type in ggml.NEEDS_IMATRIX
+            and (t.name not in ggml.IMATRIX_EXEMPT or t.type in ggml.ALWAYS_NEEDS_IMATRIX)]  # fmt: skip
     if not need:
         return
     t = need[0]

@@ -41,8 +41,12 @@ PRESETS: dict[str, dict[str, str]] = {
 LLAMA_FTYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7), "q4_0": ("Q4_0", 2),
                 "q2_k": ("Q2_K", 10), "q3_k_m": ("Q3_K", 12), "q4_k_m": ("Q4_K", 15), "q5_k_m": ("Q5_K", 17),
                 "q6_k": ("Q6_K", 18), "iq4_nl": ("IQ4_NL", 25), "iq4_xs": ("IQ4_XS", 30),
-                "iq2_xxs": ("IQ2_XXS", 19), "iq2_xs": ("IQ2_XS", 20)}  # fmt: skip
-_LOW_IQ = ("iq2_xxs", "iq2_xs")  # the 1-2 bit i-quant file types, whose rules llama-quantize keeps apart
+                "iq3_m": ("IQ3_S", 27), "iq3_s": ("IQ3_S", 26), "iq3_xs": ("IQ3_S", 22), "iq3_xxs": ("IQ3_XXS", 23),
+                "iq2_m": ("IQ2_S", 29), "iq2_s": ("IQ2_XS", 28), "iq2_xs": ("IQ2_XS", 20),
+                "iq2_xxs": ("IQ2_XXS", 19), "iq1_m": ("IQ1_M", 31), "iq1_s": ("IQ1_S", 24)}  # fmt: skip
+# the 1-2 bit i-quant file types, whose rules llama-quantize keeps apart
+_LOW_IQ = ("iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq1_s", "iq1_m")
+_Q5K_OUTPUT = (*_LOW_IQ, "iq3_xxs")  # file types whose output tensor is Q5_K (the others: Q6_K)
 K2_GGUF_MIXES = {  # experts gate/up, experts down, everything else (attention, shared, dense, embeddings), file type
     "k2-q4": ("Q4_K", "Q5_K", "Q8_0", 15),
     "k2-q3": ("Q3_K", "Q4_K", "Q6_K", 12),
@@ -81,14 +85,25 @@ def gguf_preset_type(preset: str, name: str, layer: int | None, n_layer: int, ha
     if name == "output.weight":
         if base == "Q8_0" or (ncols and ncols % ggml_type(base).block):
             return "Q8_0"
-        return "Q5_K" if preset in _LOW_IQ else "Q6_K"
+        return "Q5_K" if preset in _Q5K_OUTPUT else "Q6_K"
+    if name == "token_embd.weight":
+        if preset in ("iq2_xxs", "iq2_xs", "iq1_s", "iq1_m"):
+            return "Q2_K"
+        return "IQ3_S" if preset in ("iq2_s", "iq2_m", "iq3_xxs") else base
     if preset in _LOW_IQ:
-        if name == "token_embd.weight":
-            return "Q2_K"
+        up = "IQ3_S" if preset in ("iq2_s", "iq2_m") else "Q2_K"
         if "ffn_down" in name and ffn_down_index < n_layer // 8:
-            return "Q2_K"
+            return up
+        if "attn_output" in name and preset in ("iq2_s", "iq2_m", "iq1_s", "iq1_m"):
+            return "IQ2_XXS" if preset in ("iq1_s", "iq1_m") else up
         return base
+    if preset == "iq3_xs" and ("ffn_gate" in name or "ffn_up" in name) and layer is not None:
+        return "IQ3_XXS" if n_layer // 8 <= layer < 7 * n_layer // 8 else base
     if "ffn_down" in name and layer is not None:
+        if preset == "iq3_xxs" and not has_imatrix:
+            return "Q4_K" if layer < n_layer // 8 else "Q3_K"
+        if preset == "iq3_m" and layer < n_layer // 8:
+            return "Q4_K"
         if preset == "q2_k":
             return "Q3_K"
         if preset == "q3_k_m":
@@ -100,7 +115,7 @@ def gguf_preset_type(preset: str, name: str, layer: int | None, n_layer: int, ha
         if preset == "q4_0" and has_imatrix and layer < n_layer // 8:
             return "Q4_1"  # llama-quantize's guard for the first ffn_down layers, with an imatrix only
     if "attn_output" in name:
-        return {"q2_k": "Q3_K", "q3_k_m": "Q4_K"}.get(preset, base)
+        return {"q2_k": "Q3_K", "q3_k_m": "Q4_K", "iq3_xxs": "IQ3_S", "iq3_m": "Q4_K"}.get(preset, base)
     return base
 
 

@@ -33,8 +33,10 @@ SETTING = "llama.cpp extra buffer types off (library: use_extra_bufts=False; too
 
 FTYPES = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "Q8_0": 7, "Q4_0": 2,
           "Q4_1": 3, "IQ4_NL": 25, "IQ4_XS": 30, "IQ2_XXS": 19, "IQ2_XS": 20,
+          "IQ2_S": 29, "IQ3_XXS": 23, "IQ3_S": 26, "IQ1_S": 24, "IQ1_M": 31,
           "q2_k": 10, "q3_k_m": 12, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "q8_0": 7, "q4_0": 2, "iq4_nl": 25,
-          "iq4_xs": 30, "iq2_xxs": 19, "iq2_xs": 20}  # fmt: skip
+          "iq4_xs": 30, "iq2_xxs": 19, "iq2_xs": 20, "iq2_s": 28, "iq2_m": 29, "iq3_xxs": 23, "iq3_xs": 22,
+          "iq3_s": 26, "iq3_m": 27, "iq1_s": 24, "iq1_m": 31}  # fmt: skip
 
 
 class LlamaCppCrashed(AssertionError):

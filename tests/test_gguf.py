@@ -49,6 +49,11 @@ QTYPES = [
     "IQ4_XS",
     "IQ2_XXS",
     "IQ2_XS",
+    "IQ2_S",
+    "IQ3_XXS",
+    "IQ3_S",
+    "IQ1_S",
+    "IQ1_M",
 ]
 
 
@@ -69,7 +74,7 @@ def _gguf_py(data: torch.Tensor, t: str, cols: int) -> torch.Tensor:
 @pytest.mark.parametrize("t", QTYPES + ["F32", "F16", "BF16"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_encoders_decode_bit_exactly_like_gguf_py(t, weighted):
-    if t in ggml.NEEDS_IMATRIX and not weighted:
+    if t in ggml.ALWAYS_NEEDS_IMATRIX and not weighted:
         with pytest.raises(ValueError, match=f"{t} needs an importance matrix"):
             ggml.quantize(_weights(), t)
         return
@@ -81,7 +86,8 @@ def test_encoders_decode_bit_exactly_like_gguf_py(t, weighted):
     assert torch.equal(ours.view(torch.int32), _gguf_py(data, t, 512).view(torch.int32))
     rel = ((ours - w) ** 2).sum() / (w**2).sum()
     bound = {"Q2_K": 0.12, "Q3_K": 0.04, "Q4_0": 0.02, "Q4_1": 0.01, "Q4_K": 0.01, "IQ4_NL": 0.01, "IQ4_XS": 0.01,
-             "IQ2_XXS": 0.5, "IQ2_XS": 0.5}  # fmt: skip
+             "IQ2_XXS": 0.5, "IQ2_XS": 0.5, "IQ2_S": 0.45, "IQ3_XXS": 0.25, "IQ3_S": 0.12,
+             "IQ1_S": 0.8, "IQ1_M": 0.8}  # fmt: skip
     assert rel < bound.get(t, 0.005), rel
 
 
@@ -95,7 +101,8 @@ def test_row_width_fallbacks_follow_llama_quantize():
     assert [ggml.fit_type(t, 128) for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")] == [
         "Q4_0", "Q4_0", "Q5_0", "Q5_1", "Q8_0", "Q8_0"]  # fmt: skip
     assert ggml.fit_type("Q4_K", 48) == "F16" and ggml.fit_type("Q4_K", 512) == "Q4_K"
-    assert [ggml.fit_type(t, 128) for t in ("IQ4_XS", "IQ2_XXS", "IQ2_XS", "IQ4_NL")] == ["IQ4_NL"] * 4
+    iq = ("IQ4_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_NL")
+    assert [ggml.fit_type(t, 128) for t in iq] == ["IQ4_NL"] * len(iq)
     # llama-quantize: `output` is Q8_0 when the file type's blocks do not divide its rows
     from k2quant.recipe import gguf_preset_type
 
@@ -199,12 +206,17 @@ def imatrix(mini_k2, tmp_path_factory) -> Path:
     return out / "imatrix.gguf"
 
 
-@pytest.mark.parametrize("preset", ["iq2_xxs", "iq2_xs"])
-def test_iq2_needs_an_imatrix_decodes_and_runs_in_llama_cpp(mini_k2, imatrix, tmp_path, preset):
-    """--preset iq2_xxs / iq2_xs: refused without an importance matrix, and with one lacking a tensor's entry,
-    each naming the tensor, before anything is written; with calibrate's imatrix every tensor
-    decodes with gguf-py as k2quant decodes it and llama.cpp's forward on the file agrees with
-    k2quant's."""
+# the file types' own mixes, and one file holding the other i-quants (layers 1-3 and the routed experts' up)
+_MIX = ["blk\\.1\\.=iq3_xxs", "blk\\.2\\.=iq2_s", "blk\\.3\\.=iq3_s", "ffn_up_exps=iq1_s"]
+
+
+@pytest.mark.parametrize("preset,overrides", [("iq2_xxs", []), ("iq2_xs", []), ("iq1_m", _MIX)])
+def test_low_bit_iquants_need_an_imatrix_decode_and_run_in_llama_cpp(mini_k2, imatrix, tmp_path, preset, overrides):
+    """--preset iq2_xxs / iq2_xs / iq1_m (the last with layers overridden to IQ3_XXS, IQ2_S, IQ3_S and
+    the routed experts' up to IQ1_S): refused without an importance matrix, and with one lacking a
+    tensor's entry, each naming the tensor, before anything is written; with calibrate's imatrix
+    every tensor decodes with gguf-py as k2quant decodes it and llama.cpp's forward on the file
+    agrees with k2quant's."""
     from k2quant.convert import ConvertError
     from k2quant.formats.imatrix import write_imatrix
 
@@ -217,10 +229,12 @@ def test_iq2_needs_an_imatrix_decodes_and_runs_in_llama_cpp(mini_k2, imatrix, tm
     with pytest.raises(ConvertError, match=rf"partial.gguf: no importance entry for tensor '.*', planned as {t}"):
         convert_gguf(mini_k2["fp8"], tmp_path / "no", recipe, progress=False, imatrix=partial)
     assert not (tmp_path / "no").exists()
-    convert_gguf(mini_k2["fp8"], tmp_path / "iq2", recipe, method="rtn", progress=False, imatrix=imatrix)
-    path = next((tmp_path / "iq2").glob("*.gguf"))
+    recipe = build_recipe(preset, overrides=overrides, target="gguf")
+    convert_gguf(mini_k2["fp8"], tmp_path / "iq", recipe, method="rtn", progress=False, imatrix=imatrix)
+    path = next((tmp_path / "iq").glob("*.gguf"))
     ck = open_checkpoint(path)
-    assert t in {x.tensor_type.name for r in ck.readers for x in r.tensors}
+    types = {x.tensor_type.name for r in ck.readers for x in r.tensors}
+    assert t in types and (not overrides or {"IQ3_XXS", "IQ2_S", "IQ3_S", "IQ1_S", "IQ2_XXS"} <= types), types
     for r in ck.readers:
         for x in r.tensors:
             ref = gguf.quants.dequantize(x.data, x.tensor_type)
@@ -281,13 +295,14 @@ _COMPARE = ("blk.2.ffn_down_exps.weight", "blk.1.attn_q_b.weight", "blk.0.ffn_ga
 @pytest.mark.parametrize(
     "t,weighted",
     [(t, w) for t in ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_1", "IQ4_NL", "IQ4_XS"] for w in (False, True)]
-    + [("IQ2_XXS", True), ("IQ2_XS", True)],
+    + [("IQ2_XXS", True), ("IQ2_XS", True), ("IQ2_S", True), ("IQ3_XXS", True), ("IQ3_S", False), ("IQ3_S", True)]
+    + [("IQ1_S", True), ("IQ1_M", True)],
 )
 def test_quantizer_no_worse_than_llama_quantize(ggufs, tmp_path, t, weighted):
     """Same BF16 GGUF, same tensors, same importance: k2quant's error (importance-weighted when
     there is one) is at most llama_model_quantize's, and for the i-quants `search=False` writes
-    llama.cpp's bytes. IQ2_XXS is made only with an importance matrix (llama.cpp asserts one for
-    every tensor it quantizes: the others get weight 1)."""
+    llama.cpp's bytes. The 1- and 2-bit i-quants and IQ3_XXS are made only with an importance matrix
+    (llama-quantize refuses them without one for every tensor it quantizes: the others get weight 1)."""
     src = next(ggufs["bf16"].glob("*.gguf"))
     ref = open_checkpoint(src)
     g = torch.Generator().manual_seed(3)
@@ -372,10 +387,15 @@ def test_every_preset_types_tensors_as_llama_quantize(tmp_path):
         if len(shape) > 1 and name != "token_embd.weight":
             imat[name] = np.ones((shape[0] if len(shape) == 3 else 1) * shape[-1], dtype=np.float32)
     presets = [p for p in LLAMA_FTYPES if p not in ("f32", "f16", "bf16")]
-    plain = [p for p in presets if LLAMA_FTYPES[p][0] not in ggml.NEEDS_IMATRIX]  # the others need an imatrix
+    ck = open_checkpoint(src)
+
+    def needs_imatrix(p):  # llama-quantize refuses the file type without one
+        plan = plan_gguf(ck, build_recipe(p, target="gguf"), "rtn", "x", 0, has_imatrix=False)
+        return any(t.type in ggml.NEEDS_IMATRIX and t.name not in ggml.IMATRIX_EXEMPT for t in plan.tensors)
+
+    plain = [p for p in presets if not needs_imatrix(p)]
     jobs = [(p, False) for p in plain] + [(p, True) for p in presets if p not in plain or p in IMATRIX_RULES]
     llama_quantize_many([(bf16, tmp_path / f"{p}-{im}.gguf", p, imat if im else None) for p, im in jobs])
-    ck = open_checkpoint(src)
     for preset, im in jobs:
         theirs = {n: t.tensor_type.name for n, t in open_checkpoint(tmp_path / f"{preset}-{im}.gguf").by_gguf.items()}
         plan = plan_gguf(ck, build_recipe(preset, target="gguf"), "rtn", "x", 0, has_imatrix=im)

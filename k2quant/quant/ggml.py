@@ -18,7 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import iq2_kernel
+from . import iq_grid
+from .iq1_kernel import encode_iq1
+from .iq2_kernel import encode_iq2
+from .iq3_kernel import encode_iq3
 from .iq4_kernel import IQ4_LEVELS, encode_iq4
 
 QK_K = 256
@@ -61,13 +64,23 @@ TYPES = {
         GGMLType("IQ4_XS", 23, QK_K, 136),
         GGMLType("IQ2_XXS", 16, QK_K, 66),
         GGMLType("IQ2_XS", 17, QK_K, 74),
+        GGMLType("IQ2_S", 22, QK_K, 82),
+        GGMLType("IQ3_XXS", 18, QK_K, 98),
+        GGMLType("IQ3_S", 21, QK_K, 110),
+        GGMLType("IQ1_S", 19, QK_K, 50),
+        GGMLType("IQ1_M", 29, QK_K, 56),
     )
 }
 BY_ID = {t.id: t for t in TYPES.values()}
 # llama-quantize's tensor_type_fallback: a row that is not a whole number of 256-blocks
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL",
-            "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL"}  # fmt: skip
-NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS")  # llama-quantize refuses these without an importance matrix
+            "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL",
+            "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL"}  # fmt: skip
+# llama-quantize refuses these without an importance matrix (tensor_requires_imatrix), except for
+# token_embd and output, which it makes with the type's no-imatrix weights where ggml has them:
+NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ1_S", "IQ1_M")
+ALWAYS_NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ1_S")  # ggml's encoder asserts an imatrix, token_embd and output too
+IMATRIX_EXEMPT = ("token_embd.weight", "output.weight")
 
 
 def ggml_type(name: str) -> GGMLType:
@@ -536,12 +549,10 @@ def quantize(
         imp = None if importance is None else importance.to(torch.float32).reshape(cols).numpy()
         return torch.from_numpy(encode_iq4(w.to(torch.float32).numpy(), imp, t.name == "IQ4_XS", search,
                                            torch.get_num_threads()))  # fmt: skip
-    if t.name in ("IQ2_XXS", "IQ2_XS"):
-        if importance is None:
-            raise ValueError(f"{t.name} needs an importance matrix (llama-quantize refuses it without one)")
-        imp = importance.to(torch.float32).reshape(cols).numpy()
-        return torch.from_numpy(iq2_kernel.encode_iq2(w.to(torch.float32).numpy(), imp, t.name, search,
-                                                      torch.get_num_threads()))  # fmt: skip
+    if t.name in (*iq_grid.CLASSES, "IQ1_M"):  # compiled: llama.cpp's lattice search, then k2quant's
+        imp = None if importance is None else importance.to(torch.float32).reshape(cols).numpy()
+        encode = {"IQ1": encode_iq1, "IQ2": encode_iq2, "IQ3": encode_iq3}[t.name[:3]]
+        return torch.from_numpy(encode(w.to(torch.float32).numpy(), imp, t.name, search, torch.get_num_threads()))
     if importance is not None:
         importance = importance.to(torch.float32).reshape(1, cols)
     rows_per_chunk = max(1, _ELEMS_PER_CHUNK // cols)
@@ -581,7 +592,7 @@ def _unpack2(qs: torch.Tensor) -> torch.Tensor:
 
 
 _K4 = torch.tensor(IQ4_LEVELS, dtype=torch.float32)
-_IQ2_GRID = {name: torch.from_numpy(iq2_kernel.grid(cls)[0]) for name, cls in iq2_kernel.CLASSES.items()}
+_GRID = {name: torch.from_numpy(iq_grid.grid(name)[0]) for name in iq_grid.CLASSES}
 _POPCOUNT7 = torch.tensor([bin(i).count("1") for i in range(128)])
 
 
@@ -663,7 +674,7 @@ def dequantize(data: torch.Tensor, type_name: str, cols: int) -> torch.Tensor:
         s7 = (q1.view(B, 8, 1) >> torch.tensor([0, 7, 14, 21]).view(1, 1, 4)) & 127
         s8 = s7 | ((_POPCOUNT7[s7] & 1) << 7)  # the 8th sign makes the count of minus signs even
         neg = (s8.unsqueeze(-1) >> torch.arange(8).view(1, 1, 1, 8)) & 1
-        g = _IQ2_GRID["IQ2_XXS"][b[:, 2:].reshape(B, 8, 8)[:, :, :4].long()]  # (B, 8, 4, 8)
+        g = _GRID["IQ2_XXS"][b[:, 2:].reshape(B, 8, 8)[:, :, :4].long()]  # (B, 8, 4, 8)
         y = db * g * (1 - 2 * neg).to(torch.float32)
     elif t.name == "IQ2_XS":
         q = (b[:, 2:66].reshape(B, 32, 2).to(torch.int64) << torch.tensor([0, 8])).sum(-1)  # index | signs << 9
@@ -672,8 +683,47 @@ def dequantize(data: torch.Tensor, type_name: str, cols: int) -> torch.Tensor:
         s7 = (q >> 9).view(B, 16, 2)
         s8 = s7 | ((_POPCOUNT7[s7] & 1) << 7)
         neg = (s8.unsqueeze(-1) >> torch.arange(8).view(1, 1, 1, 8)) & 1
-        g = _IQ2_GRID["IQ2_XS"][(q & 511).view(B, 16, 2)]  # (B, 16, 2, 8)
+        g = _GRID["IQ2_XS"][(q & 511).view(B, 16, 2)]  # (B, 16, 2, 8)
         y = db * g * (1 - 2 * neg).to(torch.float32)
+    elif t.name == "IQ2_S":  # 32 low index bytes, 32 sign bytes, 2 high index bits each, 16 multiples
+        qh = (b[:, 66:74].view(B, 8, 1) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4)) & 3
+        idx = b[:, 2:34].long() | (qh.reshape(B, 32).long() << 8)
+        sc = (b[:, 74:82].view(B, 8, 1) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2)).reshape(B, 16) & 0xF
+        db = (_f16(b[:, :2]) * (0.5 + sc.to(torch.float32)) * 0.25).view(B, 16, 1, 1)
+        neg = (b[:, 34:66].view(B, 32, 1) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8)) & 1
+        y = db * _GRID["IQ2_S"][idx.view(B, 16, 2)] * (1 - 2 * neg.view(B, 16, 2, 8).long()).to(torch.float32)
+    elif t.name == "IQ3_XXS":  # 64 index bytes; per 32 weights 4 x 7 signs and the multiple
+        q1 = (b[:, 66:98].reshape(B, 8, 4).to(torch.int64) << torch.tensor([0, 8, 16, 24]).view(1, 1, 4)).sum(-1)
+        db = (_f16(b[:, :2]) * (0.5 + (q1 >> 28).to(torch.float32)) * 0.5).view(B, 8, 1, 1)
+        s7 = (q1.view(B, 8, 1) >> torch.tensor([0, 7, 14, 21]).view(1, 1, 4)) & 127
+        s8 = s7 | ((_POPCOUNT7[s7] & 1) << 7)
+        neg = (s8.unsqueeze(-1) >> torch.arange(8).view(1, 1, 1, 8)) & 1
+        g = _GRID["IQ3_XXS"][b[:, 2:66].long()].view(B, 8, 4, 8)  # 8 groups of 4 = 4 rows of 8 signs
+        y = db * g * (1 - 2 * neg).to(torch.float32)
+    elif t.name == "IQ1_S":  # fp16 d, 32 low index bytes, per 32 weights a word: 4 x 3 high bits, multiple, shift
+        qh = b[:, 34:50].contiguous().view(torch.int16).to(torch.int64) & 0xFFFF  # (B, 8)
+        dl = (_f16(b[:, :2]) * (2 * ((qh >> 12) & 7) + 1).to(torch.float32)).view(B, 8, 1, 1)
+        delta = torch.where((qh & 0x8000) == 0, 0.125, -0.125).to(torch.float32).view(B, 8, 1, 1)
+        hi = (qh.view(B, 8, 1) >> torch.tensor([0, 3, 6, 9]).view(1, 1, 4)) & 7
+        idx = b[:, 2:34].long() | (hi << 8).view(B, 32)
+        y = dl * (_GRID["IQ1_S"][idx].view(B, 8, 4, 8) + delta)
+    elif t.name == "IQ1_M":  # 32 low index bytes, 16 bytes of high bits and shifts, 4 words of multiples and d
+        sc = b[:, 48:56].contiguous().view(torch.int16).to(torch.int64) & 0xFFFF  # (B, 4)
+        dbits = ((sc >> 12) << torch.tensor([0, 4, 8, 12]).view(1, 4)).sum(1)
+        d = dbits.to(torch.int16).view(torch.float16).to(torch.float32).view(B, 1)
+        s = ((sc.view(B, 4, 1) >> torch.tensor([0, 3, 6, 9]).view(1, 1, 4)) & 7).reshape(B, 16)
+        dl = (d * (2 * s + 1).to(torch.float32)).view(B, 16, 1, 1)
+        qh = b[:, 32:48].view(B, 16, 1).long() >> torch.tensor([0, 4]).view(1, 1, 2)  # (B, 16, 2)
+        delta = torch.where((qh & 0x08) == 0, 0.125, -0.125).to(torch.float32).view(B, 16, 2, 1)
+        idx = b[:, :32].long() | ((qh & 7) << 8).view(B, 32)
+        y = dl * (_GRID["IQ1_S"][idx].view(B, 16, 2, 8) + delta)
+    elif t.name == "IQ3_S":  # 64 low index bytes, 8 bytes of 9th bits, 32 sign bytes, 8 multiples
+        qh = (b[:, 66:74].view(B, 8, 1) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8)) & 1
+        idx = b[:, 2:66].long() | (qh.reshape(B, 64).long() << 8)
+        sc = (b[:, 106:110].view(B, 4, 1) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2)).reshape(B, 8) & 0xF
+        db = (_f16(b[:, :2]) * (1 + 2 * sc).to(torch.float32)).view(B, 8, 1, 1)
+        neg = (b[:, 74:106].view(B, 32, 1) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8)) & 1
+        y = db * _GRID["IQ3_S"][idx].view(B, 8, 4, 8) * (1 - 2 * neg.view(B, 8, 4, 8).long()).to(torch.float32)
     else:  # Q6_K
         ql, qh, sc, d = b[:, :128], b[:, 128:192], b[:, 192:208], _f16(b[:, 208:210])
         de = (d * sc.view(torch.int8).to(torch.float32)).view(B, 16, 1)
