@@ -105,9 +105,9 @@ def demo(out: str) -> None:
 @click.option(
     "--preset",
     help="safetensors: k2-int4 (routed experts int4-g32, rest as in the source), int4-all, fp8. "
-    "gguf: llama.cpp's f16, bf16, q8_0, q4_0, q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k, iq4_nl, iq4_xs, iq2_xxs, "
-    "iq2_xs (the iq2 ones need --imatrix or --calib), or k2quant's MoE mixes k2-q4, k2-q3, k2-q2 (routed experts low, "
-    "the rest high).",
+    "gguf: llama.cpp's f16, bf16, q8_0, q4_0, q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k, iq4_nl, iq4_xs, iq3_m, iq3_s, "
+    "iq3_xs, iq3_xxs, iq2_m, iq2_s, iq2_xs, iq2_xxs, iq1_m, iq1_s (iq3_xs and below need --imatrix or --calib), or "
+    "k2quant's MoE mixes k2-q4, k2-q3, k2-q2 (routed experts low, the rest high).",
 )
 @click.option("--recipe", "recipe_file", type=click.Path(exists=True, dir_okay=False), help="TOML recipe file.")
 @click.option(

@@ -69,7 +69,7 @@ from .memory import meminfo
 from .names import expected_shapes, parse_name
 from .quant.fp8 import scale_shape
 from .quant.ggml import NEEDS_IMATRIX
-from .recipe import GGUF_PRESETS, LLAMA_FTYPES, build_recipe
+from .recipe import GGUF_PRESETS, IMATRIX_PRESETS, build_recipe
 from .runner.placement import Placement, bytes_per_token, load_hotness, place, reads_per_token, tensor_class
 from .runner.runner import GPU_MARGIN, WORK_BYTES_PER_TOKEN
 
@@ -960,7 +960,7 @@ def plan(model: str | Path | ModelSource, machine: Machine, ctx: int = DEFAULT_C
             raise PlanError(f"--target {t!r}: expected one of {', '.join(TARGETS)}")
     calib_dir, hotness, notes = read_calib(calib, cfg)
     if "gguf" in targets and not (calib_dir and (calib_dir / "imatrix.gguf").exists()):
-        low = [p for p in GGUF_PLAN_PRESETS if p in LLAMA_FTYPES and LLAMA_FTYPES[p][0] in NEEDS_IMATRIX]
+        low = [p for p in GGUF_PLAN_PRESETS if p in IMATRIX_PRESETS]
         notes.append(f"{', '.join(low)} left out: made only with an importance matrix (k2quant calibrate, then "
                      "plan --calib DIR)")  # fmt: skip
     ram, vram = int(machine.ram.value), int(machine.vram.value)

@@ -46,6 +46,7 @@ LLAMA_FTYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_
                 "iq2_xxs": ("IQ2_XXS", 19), "iq1_m": ("IQ1_M", 31), "iq1_s": ("IQ1_S", 24)}  # fmt: skip
 # the 1-2 bit i-quant file types, whose rules llama-quantize keeps apart
 _LOW_IQ = ("iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq1_s", "iq1_m")
+IMATRIX_PRESETS = (*_LOW_IQ, "iq3_xxs", "iq3_xs")  # file types llama-quantize makes only with an imatrix
 _Q5K_OUTPUT = (*_LOW_IQ, "iq3_xxs")  # file types whose output tensor is Q5_K (the others: Q6_K)
 K2_GGUF_MIXES = {  # experts gate/up, experts down, everything else (attention, shared, dense, embeddings), file type
     "k2-q4": ("Q4_K", "Q5_K", "Q8_0", 15),

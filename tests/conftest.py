@@ -139,6 +139,20 @@ def mini_k2(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def imatrix(mini_k2, tmp_path_factory) -> Path:
+    """k2quant calibrate's imatrix.gguf of mini-K2 (2048 tokens)."""
+    from click.testing import CliRunner
+
+    from k2quant.cli import main
+
+    out = tmp_path_factory.mktemp("calib")
+    r = CliRunner().invoke(main, ["calibrate", str(mini_k2["fp8"]), "--out", str(out), "--tokens", "2048", "--ctx",
+                                  "128", "--min-expert-tokens", "8"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return out / "imatrix.gguf"
+
+
+@pytest.fixture(scope="session")
 def heldout_file(tmp_path_factory) -> Path:
     """The project's held-out evaluation text (calib/heldout/) as one file, for `--data`."""
     from k2quant.calib.datasets import heldout_text

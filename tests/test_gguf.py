@@ -4,6 +4,7 @@ files against llama.cpp's loader and forward, streaming, splitting and resuming.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,25 @@ def test_row_width_fallbacks_follow_llama_quantize():
     assert types == ["Q5_K", "Q8_0", "Q8_0", "Q6_K"]
 
 
+def test_token_embd_and_output_take_imatrix_types_without_one(tmp_path):
+    """llama-quantize exempts token_embd and output from its imatrix requirement and makes them with
+    the type's no-imatrix weights where ggml has them (IQ2_S, IQ3_XXS, IQ1_M); not IQ2_XXS / IQ2_XS /
+    IQ1_S, whose encoders assert an imatrix, nor any other tensor. So does k2quant."""
+    from k2quant.convert import ConvertError
+
+    src = _src(tmp_path)
+    ok = build_recipe("q8_0", overrides=["token_embd=iq3_xxs", "output=iq1_m"], target="gguf")
+    convert_gguf(src, tmp_path / "ok", ok, progress=False)
+    types = {n: t.tensor_type.name for n, t in open_checkpoint(next((tmp_path / "ok").glob("*.gguf"))).by_gguf.items()}
+    assert (types["token_embd.weight"], types["output.weight"]) == ("IQ3_XXS", "IQ1_M")
+    refused = (("token_embd=iq2_xxs", "token_embd", "IQ2_XXS"), ("attn_q_a=iq2_s", "blk.0.attn_q_a", "IQ2_S"),
+               ("output=iq1_s", "output", "IQ1_S"))  # fmt: skip
+    for bad, name, t in refused:
+        with pytest.raises(ConvertError, match=rf"tensor '{re.escape(name)}.weight' is planned as {t}"):
+            convert_gguf(src, tmp_path / "no", build_recipe("q8_0", overrides=[bad], target="gguf"), progress=False)
+    assert not (tmp_path / "no").exists()
+
+
 def test_an_expert_the_imatrix_never_saw_gets_weight_one(tmp_path):
     """llama-quantize's imatrix loader gives a zero-count slice weight 1 per column (it still
     quantizes with an imatrix); so does k2quant, for every type."""
@@ -194,16 +214,6 @@ def test_every_tensor_decodes_with_gguf_py_as_k2quant_decodes_it(ggufs):
                 ref = gguf.quants.dequantize(t.data, t.tensor_type)
                 ref = torch.from_numpy(np.ascontiguousarray(ref, dtype=np.float32)).reshape(ours.shape)
                 assert torch.equal(ours.view(torch.int32), ref.view(torch.int32)), t.name
-
-
-@pytest.fixture(scope="module")
-def imatrix(mini_k2, tmp_path_factory) -> Path:
-    """k2quant calibrate's imatrix.gguf of mini-K2 (2048 tokens)."""
-    out = tmp_path_factory.mktemp("calib")
-    r = CliRunner().invoke(main, ["calibrate", str(mini_k2["fp8"]), "--out", str(out), "--tokens", "2048", "--ctx",
-                                  "128", "--min-expert-tokens", "8"])  # fmt: skip
-    assert r.exit_code == 0, r.output
-    return out / "imatrix.gguf"
 
 
 # the file types' own mixes, and one file holding the other i-quants (layers 1-3 and the routed experts' up)
