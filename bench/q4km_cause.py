@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from llamacpp import SETTING, errors_against_llama, llama_quantize, llama_tool, no_repack_args  # noqa: E402
+from llamacpp import SETTING, errors_against_llama, kld_summary, llama_quantize, llama_tool, no_repack_args  # noqa: E402
 
 from k2quant import minik2, open_checkpoint  # noqa: E402
 from k2quant.calib.datasets import bundled_texts  # noqa: E402
@@ -53,24 +53,10 @@ def _yarn(cfg) -> list[str]:
     return ["--yarn-beta-fast", str(cfg.rope.beta_fast), "--yarn-beta-slow", str(cfg.rope.beta_slow)]
 
 
-def _kld(
-    exe: Path, model: Path, bf16: Path, base: Path, text: Path, chunks: int, yarn: list[str]
-) -> tuple[float, float, float]:
+def _kld(exe: Path, model: Path, bf16: Path, base: Path, text: Path, chunks: int, yarn: list[str]):
     """(mean KLD, its uncertainty, max KLD) of `model` against `bf16`'s logits of `text`, saved in `base`."""
-    args = [str(exe), *no_repack_args(exe), "-c", "512", "-b", "512", "--chunks", str(chunks), "-t", "2", *yarn,
-            "--kl-divergence-base", str(base)]  # fmt: skip
-    if not base.exists():  # BF16's logits of the text, saved once
-        subprocess.run([*args, "-m", str(bf16), "-f", str(text)], check=True, capture_output=True)
-    for _ in range(3):  # llama.cpp logs from a thread of its own: the last lines are now and then lost at exit
-        out = subprocess.run([*args, "-m", str(model), "--kl-divergence"], check=True, capture_output=True, text=True)
-        log = (out.stdout + out.stderr).splitlines()
-        lines = {ln.split(":")[0].strip(): ln.split(":", 1)[1] for ln in log if ":" in ln}
-        if "Mean    KLD" in lines and "Maximum KLD" in lines:
-            break
-    else:
-        raise RuntimeError(f"llama-perplexity printed no KLD summary for {model}: " + "\n".join(log[-10:]))
-    mean, unc = (float(v) for v in lines["Mean    KLD"].split("±"))
-    return mean, unc, float(lines["Maximum KLD"])
+    s = kld_summary(exe, model, bf16, base, text, chunks, yarn)
+    return (*s["kld"], s["max_kld"])
 
 
 def _patched(base: Path, out: Path, tensors: dict[str, bytes]) -> Path:

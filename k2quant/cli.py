@@ -160,6 +160,22 @@ def demo(out: str) -> None:
     help="gptq without --calib: calibrate each layer on the outputs of the layers before it as quantized "
     "(GPTQ's sequential order; runs every layer twice).",
 )
+@click.option(
+    "--target-size",
+    default=None,
+    help="gguf: choose a type per tensor class and layer so the file is at most this size (240G = 240e9 bytes, "
+    "240GiB = 240 x 2^30), by measured sensitivity (with --calib / --imatrix: weighted by it, and the i-quants "
+    "that need one allowed); prints the mix and saves it as OUT/recipe.toml (a --recipe file).",
+)
+@click.option("--bpw", default=None, help="gguf: as --target-size, for this many bits per weight over the file.")
+@click.option(
+    "--sensitivity",
+    type=click.Choice(["measured", "prior"]),
+    default="measured",
+    show_default=True,
+    help="--target-size / --bpw: measured (each type's error on sampled weights) or prior (each type's error on "
+    "a Gaussian matrix: by size and token share alone).",
+)
 @click.option("--split-max-size", default=None, help="gguf: split into files of at most this size (e.g. 48G).")
 @click.option("--name", "model_name", default=None, help="gguf: file stem and general.name (default SRC-PRESET).")
 @click.option(
@@ -177,8 +193,8 @@ def demo(out: str) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def convert(src, out, target, preset, recipe_file, overrides, method, act_order, imatrix, calib_dir, calib_data,
-            calib_tokens, calib_ctx, min_expert_tokens, propagate, split_max_size, model_name, workers, resume,
-            transformers_config, as_json):  # fmt: skip
+            calib_tokens, calib_ctx, min_expert_tokens, propagate, target_size, bpw, sensitivity, split_max_size,
+            model_name, workers, resume, transformers_config, as_json):  # fmt: skip
     """Quantize SRC (a K2 / DeepSeek-V3 checkpoint) into OUT, streaming shard by shard.
 
     Source tensors already in the target form (FP8 block -> fp8-block, K2-Thinking
@@ -195,12 +211,18 @@ def convert(src, out, target, preset, recipe_file, overrides, method, act_order,
           --calib-tokens 131072 --min-expert-tokens 128
       k2quant convert Kimi-K2-Instruct k2-gguf --to gguf --preset q4_k_m --calib calib --split-max-size 48G
       k2quant convert Kimi-K2-Instruct k2-gguf --to gguf --preset k2-q3 --override 'ffn_down_exps=q5_k'
+      k2quant convert Kimi-K2-Instruct k2-240g --to gguf --target-size 240G --calib calib
+      k2quant convert Kimi-K2-Instruct k2-2.4 --to gguf --bpw 2.4 --calib calib --split-max-size 48G
     """
     from .convert import convert as run_convert
     from .convert import format_summary
     from .recipe import build_recipe
 
-    recipe = build_recipe(preset, recipe_file, list(overrides), target=target)
+    mixing = target_size is not None or bpw is not None
+    if mixing and (target != "gguf" or preset or recipe_file or overrides or (target_size and bpw)):
+        raise click.UsageError("--target-size or --bpw (one) chooses every tensor's GGUF type (--to gguf): leave "
+                               "out --preset, --recipe and --override (edit the recipe.toml it writes)")  # fmt: skip
+    recipe = None if mixing else build_recipe(preset, recipe_file, list(overrides), target=target)
     if calib_dir:
         from .calib.resume import check_finished
 
@@ -218,9 +240,25 @@ def convert(src, out, target, preset, recipe_file, overrides, method, act_order,
     if target == "gguf":
         from .convert_gguf import convert_gguf
 
+        mix = None
+        if mixing:
+            from . import open_checkpoint
+            from .mix import format_mix, parse_bpw, plan_mix
+            from .runner.console import parse_bytes
+
+            size = parse_bytes(target_size, "--target-size") if target_size else None
+            mix = plan_mix(open_checkpoint(src), target_size=size, bpw=parse_bpw(bpw) if bpw else None,
+                           imatrix=imatrix, sensitivity=sensitivity, progress=not as_json)  # fmt: skip
+            recipe = mix.recipe()
+            model_name = model_name or f"{Path(src).name}-{mix.bpw:.2f}bpw"
+            if not as_json:
+                click.echo(format_mix(mix))
         summary = convert_gguf(src, out, recipe, method=method, resume=resume, imatrix=imatrix,
                                split_max_size=split_max_size, name=model_name, progress=not as_json,
                                workers=workers)  # fmt: skip
+        if mix is not None:
+            (Path(out) / "recipe.toml").write_text(mix.toml(), encoding="utf-8")
+            summary["mix"] = mix.summary()
         click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
         return
     summary = run_convert(src, out, recipe, method="gptq-act-order" if act_order else method, workers=workers,

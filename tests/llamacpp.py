@@ -306,5 +306,31 @@ def no_repack_args(exe: Path) -> list[str]:
     raise RuntimeError(f"{exe.name} --help names neither --no-repack nor --repack; cannot turn off extra buffers")
 
 
+def kld_summary(exe: Path, model: Path, bf16: Path, base: Path, text: Path, chunks: int,
+                extra: list[str]) -> dict[str, tuple[float, float] | float]:  # fmt: skip
+    """llama-perplexity --kl-divergence of `model` against `bf16`'s logits of `text` (saved once in
+    `base`), 512-token chunks: {"kld": (mean, uncertainty), "max_kld", "top1": (%, unc), "ppl_ratio":
+    (mean, unc)}. `extra`: more arguments (YaRN's, say)."""
+    args = [str(exe), *no_repack_args(exe), "-c", "512", "-b", "512", "--chunks", str(chunks), "-t", "2", *extra,
+            "--kl-divergence-base", str(base)]  # fmt: skip
+    if not base.exists():  # BF16's logits of the text, saved once
+        subprocess.run([*args, "-m", str(bf16), "-f", str(text)], check=True, capture_output=True)
+    for _ in range(3):  # llama.cpp logs from a thread of its own: the last lines are now and then lost at exit
+        out = subprocess.run([*args, "-m", str(model), "--kl-divergence"], check=True, capture_output=True, text=True)
+        log = (out.stdout + out.stderr).splitlines()
+        lines = {ln.split(":")[0].strip(): ln.split(":", 1)[1] for ln in log if ":" in ln}
+        if all(k in lines for k in ("Mean    KLD", "Maximum KLD", "Same top p", "Mean PPL(Q)/PPL(base)")):
+            break
+    else:
+        raise RuntimeError(f"llama-perplexity printed no KLD summary for {model}: " + "\n".join(log[-10:]))
+
+    def pm(key: str) -> tuple[float, float]:
+        a, b = lines[key].replace("%", "").split("±")
+        return float(a), float(b)
+
+    return {"kld": pm("Mean    KLD"), "max_kld": float(lines["Maximum KLD"]), "top1": pm("Same top p"),
+            "ppl_ratio": pm("Mean PPL(Q)/PPL(base)")}  # fmt: skip
+
+
 if __name__ == "__main__":
     _child_main(sys.argv[1])
