@@ -8,17 +8,22 @@ routed experts' down. The types are llama.cpp's mainline k-quants and i-quants (
 no importance matrix only those llama-quantize makes without one); a row width a type's blocks
 do not divide takes llama-quantize's fallback, and its bytes are counted as written.
 
-Sensitivity of a group at a type, by default measured ("measured"): the importance-weighted
-squared error (imatrix column weights; none for token_embd) that the type's encoder (llama.cpp's
-procedure, `--method rtn`) leaves on a sample of the group's weights (up to 64 rows of each
-matrix, two experts of each routed tensor, two heads of attn_k_b / attn_v_b), scaled to the whole
-group and by the share of tokens that pass through it: 1, or for a routed expert its imatrix
-token count over the layer's (without an imatrix, experts_per_token / n_experts). This is the
-expected squared error the type adds to the group's outputs, summed over the model: cheap (no
-forward pass) and computed from calibration's statistics, but blind to how errors in one layer
-grow through the next ones. Without weights (a header-only inventory: "prior") each type's
-relative error on a fixed Gaussian matrix stands in for the measurement, so groups differ only by
-size and token share.
+Sensitivity of a group at a type, by default measured ("measured"): for each of its matrices,
+the noise-to-signal ratio of its outputs that the type's encoder (llama.cpp's procedure,
+`--method rtn`) leaves, sum w_c dW_rc^2 / sum w_c W_rc^2 with the imatrix column weights w (none
+for token_embd), on a sample of its weights (up to 64 rows of each matrix, two experts of each
+routed tensor, two heads of attn_k_b / attn_v_b; over a routed tensor's experts weighted by their
+share of the layer's tokens, from the imatrix counts, else uniform); the group's is the sum over
+its matrices. Every matrix is thus one stage whose relative corruption counts alike, whatever its
+size, except token_embd and output: every token's whole prediction passes through them (the
+residual stream starts as the one and ends in the other), so each counts as many stages as the
+model has layers. Cheap (no forward pass), from calibration's statistics, but blind to how much
+each stage's error grows through the layers after it. On mini-K2 (bench/lowbit.py) an absolute
+error put token_embd at IQ1_M and lost to every stock mix; the ratio without the layers' weight on
+token_embd / output lost at 2.3 bpw (by 4 standard errors to IQ2_XXS) and won at 3.2; as here it
+wins at both. Without weights (a header-only inventory: "prior") each type's relative error on a
+fixed Gaussian matrix stands in for the measurement, so groups differ only by size and number of
+matrices (token_embd / output weighted the same way).
 
 Allocation: each group's (bytes, error) options on their lower convex hull; all groups start at
 their smallest option; the upgrade with the most error removed per byte is taken while it fits
@@ -214,7 +219,10 @@ def _samples(ck: Checkpoint, t: PlannedGGUF, imp: _Importance, token_share: list
             rows, f = _rows(heads[h])
             yield rows, imp.get(t.name, h, rows.shape[1]), f * len(heads) / len({0, len(heads) // 2})
     else:
-        rows, f = _rows(ck.tensor(t.sources[0], torch.float32))
+        w = ck.tensor(t.sources[0], torch.float32)
+        rows, f = _rows(w)
+        if t.name == "token_embd.weight":  # a token reads one row, not all of them: the mean row's error
+            f /= w.shape[0]
         yield rows, imp.get(t.name), f
 
 
@@ -230,17 +238,23 @@ def _token_shares(t: PlannedGGUF, imp: _Importance, cfg) -> list[float]:
 
 
 def _measure(ck: Checkpoint, groups: list[Group], types: tuple[str, ...], imp: _Importance, bar=None) -> None:
-    """Each group's expected error at each type, from its sampled weights (in place)."""
+    """Each group's error at each type, from its sampled weights (in place): the sum over its
+    matrices of the importance-weighted noise-to-signal ratio (token-weighted over experts)."""
     for g in groups:
         err = dict.fromkeys(types, 0.0)
         for t in g.tensors:
             shares = _token_shares(t, imp, ck.config) if t.kind == "experts" else []
+            noise, signal = dict.fromkeys(types, 0.0), 0.0
             for rows, col, f in _samples(ck, t, imp, shares):
                 cw = col if col is not None else torch.ones(rows.shape[1])
+                signal += f * float(((rows**2) * cw).sum())
                 for typ in types:
                     fit = ggml.fit_type(typ, rows.shape[1])
                     q = ggml.dequantize(ggml.quantize(rows, fit, col, search=False), fit, rows.shape[1])
-                    err[typ] += f * float((((q - rows) ** 2) * cw).sum())
+                    noise[typ] += f * float((((q - rows) ** 2) * cw).sum())
+            stages = _stages(g, ck.config)
+            for typ in types:
+                err[typ] += stages * noise[typ] / signal if signal > 0 else 0.0
             if bar is not None:
                 bar.update(1)
         for typ in types:
@@ -260,11 +274,15 @@ def reference_error(typ: str) -> float:
     return _REFERENCE[typ]
 
 
+def _stages(g: Group, cfg) -> int:
+    """How many stages a group's matrices each count as (see the module docstring)."""
+    return cfg.num_hidden_layers if g.cls in ("token_embd", "output") else 1
+
+
 def _prior(groups: list[Group], types: tuple[str, ...], cfg) -> None:
     for g in groups:
-        share = cfg.num_experts_per_tok / max(1, cfg.n_routed_experts) if g.cls.startswith("routed") else 1.0
         for typ in types:
-            g.options[typ] = (g.options[typ][0], share * g.params * reference_error(typ))
+            g.options[typ] = (g.options[typ][0], _stages(g, cfg) * len(g.tensors) * reference_error(typ))
 
 
 # ---------------------------------------------------------------------------- allocation
