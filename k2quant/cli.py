@@ -238,7 +238,7 @@ def convert(src, out, target, preset, recipe_file, overrides, method, act_order,
         raise click.UsageError("--calib-data feeds --method gptq's own calibration; with --calib DIR, or for other "
                                "methods, calibrate first (k2quant calibrate --data ...)")  # fmt: skip
     if target == "gguf":
-        from .convert_gguf import convert_gguf
+        from .convert_gguf import convert_gguf, parse_size
 
         mix = None
         if mixing:
@@ -248,7 +248,8 @@ def convert(src, out, target, preset, recipe_file, overrides, method, act_order,
 
             size = parse_bytes(target_size, "--target-size") if target_size else None
             mix = plan_mix(open_checkpoint(src), target_size=size, bpw=parse_bpw(bpw) if bpw else None,
-                           imatrix=imatrix, sensitivity=sensitivity, progress=not as_json)  # fmt: skip
+                           imatrix=imatrix, sensitivity=sensitivity, split_max_size=parse_size(split_max_size),
+                           progress=not as_json)  # fmt: skip
             recipe = mix.recipe()
             model_name = model_name or f"{Path(src).name}-{mix.bpw:.2f}bpw"
             if not as_json:

@@ -146,7 +146,7 @@ def plan_gguf(ck: Checkpoint, recipe: Recipe, method: str, stem: str, split_max_
 
 
 # ---------------------------------------------------------------------------- importance
-class _Importance:
+class Importance:
     """Per-column weights for a GGUF tensor (slice e of a stacked or per-head tensor) from an imatrix."""
 
     def __init__(self, path: str | None, names: set[str]):
@@ -211,7 +211,7 @@ def _setup(src: str, imatrix: str | None, names: set[str], method: str, threads:
     """Per process: the opened checkpoint and importance (workers are spawned with plain arguments)."""
     if threads:
         torch.set_num_threads(threads)
-    _STATE.update(ck=open_checkpoint(src), imp=_Importance(imatrix, names), search=method == "mse")
+    _STATE.update(ck=open_checkpoint(src), imp=Importance(imatrix, names), search=method == "mse")
 
 
 def _run(task: tuple) -> bytes:

@@ -45,9 +45,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import Checkpoint
-from .convert_gguf import PlannedGGUF, _Importance, plan_gguf
+from .convert_gguf import Importance, PlannedGGUF, plan_gguf
 from .errors import K2QuantError
 from .formats.gguf import split_kv_b
+from .plan import gguf_sizes
 from .quant import ggml
 from .recipe import LLAMA_FTYPES, Recipe, build_recipe
 
@@ -83,7 +84,7 @@ def group_of(name: str) -> tuple[str, int | None] | None:
     if not m:
         return None
     layer, part = int(m.group(1)), m.group(2)
-    if part.startswith("attn_") and part != "attn_norm" and not part.endswith("_norm"):
+    if part.startswith("attn_") and not part.endswith("_norm"):
         return "attention", layer
     if part in ("ffn_gate", "ffn_up", "ffn_down"):
         return "dense_mlp", layer
@@ -206,7 +207,7 @@ def _rows(w: torch.Tensor) -> tuple[torch.Tensor, float]:
     return w[idx], n / SAMPLE_ROWS
 
 
-def _samples(ck: Checkpoint, t: PlannedGGUF, imp: _Importance, token_share: list[float]):
+def _samples(ck: Checkpoint, t: PlannedGGUF, imp: Importance, token_share: list[float]):
     """(rows, column importance or None, factor to the whole tensor times its token share) of t."""
     if t.kind == "experts":
         n = len(t.sources)
@@ -226,7 +227,7 @@ def _samples(ck: Checkpoint, t: PlannedGGUF, imp: _Importance, token_share: list
         yield rows, imp.get(t.name), f
 
 
-def _token_shares(t: PlannedGGUF, imp: _Importance, cfg) -> list[float]:
+def _token_shares(t: PlannedGGUF, imp: Importance, cfg) -> list[float]:
     """Each expert's share of the layer's tokens, from the imatrix counts (else top-k / n)."""
     n = len(t.sources)
     uniform = [cfg.num_experts_per_tok / n] * n
@@ -237,7 +238,7 @@ def _token_shares(t: PlannedGGUF, imp: _Importance, cfg) -> list[float]:
     return [float(c) / float(tokens[1][0]) for c in entry[1]]
 
 
-def _measure(ck: Checkpoint, groups: list[Group], types: tuple[str, ...], imp: _Importance, bar=None) -> None:
+def _measure(ck: Checkpoint, groups: list[Group], types: tuple[str, ...], imp: Importance, bar=None) -> None:
     """Each group's error at each type, from its sampled weights (in place): the sum over its
     matrices of the importance-weighted noise-to-signal ratio (token-weighted over experts)."""
     for g in groups:
@@ -333,17 +334,16 @@ def allocate(groups: list[Group], budget: int) -> int:
 # ---------------------------------------------------------------------------- the plan
 def plan_mix(ck: Checkpoint, *, target_size: int | None = None, bpw: float | None = None,
              imatrix: str | None = None, sensitivity: str = "measured", assume_imatrix: bool = False,
-             progress: bool = False) -> MixPlan:  # fmt: skip
+             split_max_size: int = 0, progress: bool = False) -> MixPlan:  # fmt: skip
     """The mix of the least expected error whose file is at most target_size bytes, or whose
     tensor data is at most bpw bits per weight of the file (every weight, F32 ones included).
     `assume_imatrix` (no `imatrix` file, prior sensitivity): plan as if one with an entry for every
-    matrix but token_embd will be given to convert, as `plan --calib` does."""
-    from .plan import gguf_sizes  # the planner's header estimate, the one `plan` prints
-
+    matrix but token_embd will be given to convert, as `plan --calib` does. `split_max_size`: the
+    files convert will write (each with its header), as --split-max-size gives it."""
     if (target_size is None) == (bpw is None):
         raise MixError("a mix needs a target size or bits per weight (one of them)")
     types = ladder(imatrix is not None or assume_imatrix)
-    base = plan_gguf(ck, build_recipe("q8_0", target="gguf"), "rtn", "mix")
+    base = plan_gguf(ck, build_recipe("q8_0", target="gguf"), "rtn", "mix", split_max_size)
     params = sum(t.params for t in base.tensors)
     if target_size is not None:
         target, target_bytes, counted = f"{target_size} bytes", target_size, "file"
@@ -355,7 +355,7 @@ def plan_mix(ck: Checkpoint, *, target_size: int | None = None, bpw: float | Non
         if key is not None and t.type != "F32":
             groups.setdefault(key, Group(*key, tensors=[])).tensors.append(t)
     order = sorted(groups.values(), key=lambda g: (CLASSES.index(g.cls), -1 if g.layer is None else g.layer))
-    imp = _Importance(imatrix, {t.name for g in order for t in g.tensors})
+    imp = Importance(imatrix, {t.name for g in order for t in g.tensors})
     have = set(imp.data) if imatrix else {t.name for g in order for t in g.tensors if assume_imatrix}
     have.discard("token_embd.weight" if assume_imatrix and not imatrix else "")
     for g in order:  # the types this group can take: refused ones left out (convert's imatrix rules)
@@ -387,7 +387,7 @@ def plan_mix(ck: Checkpoint, *, target_size: int | None = None, bpw: float | Non
         allocate(order, budget)
         preset = _file_type(order)
         plan = plan_gguf(ck, build_recipe(preset, overrides=[f"{g.pattern}={g.type.lower()}" for g in order],
-                                          target="gguf"), "rtn", "mix", 0, bool(have))  # fmt: skip
+                                          target="gguf"), "rtn", "mix", split_max_size, bool(have))  # fmt: skip
         data, sizes, _ = gguf_sizes(plan, ck.config.vocab_size)
         total = sum(sizes) if counted == "file" else data
         if total <= target_bytes:

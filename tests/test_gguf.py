@@ -134,13 +134,13 @@ def test_token_embd_and_output_take_imatrix_types_without_one(tmp_path):
 def test_an_expert_the_imatrix_never_saw_gets_weight_one(tmp_path):
     """llama-quantize's imatrix loader gives a zero-count slice weight 1 per column (it still
     quantizes with an imatrix); so does k2quant, for every type."""
-    from k2quant.convert_gguf import _Importance
+    from k2quant.convert_gguf import Importance
     from k2quant.formats.imatrix import write_imatrix
 
     names = [f"model.layers.1.mlp.experts.{e}.down_proj" for e in (0, 1)]
     sums = {n: torch.full((64,), 2.0, dtype=torch.float64) for n in names}
     write_imatrix(tmp_path / "im.gguf", sums, dict(zip(names, (4, 0), strict=True)), 2, ["x"], 1, 4)
-    imp = _Importance(str(tmp_path / "im.gguf"), {"blk.1.ffn_down_exps.weight"})
+    imp = Importance(str(tmp_path / "im.gguf"), {"blk.1.ffn_down_exps.weight"})
     assert torch.equal(imp.get("blk.1.ffn_down_exps.weight", 0), torch.full((64,), 0.5))
     assert torch.equal(imp.get("blk.1.ffn_down_exps.weight", 1), torch.ones(64))
     with pytest.raises(ValueError, match="multiple of 256"):

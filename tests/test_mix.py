@@ -86,9 +86,10 @@ def test_mix_on_mini_k2_is_under_the_target_reproducible_and_runs_in_llama_cpp(m
 
     size = int(0.8 * _gguf_bytes(out))
     r = runner.invoke(main, ["convert", str(src), str(tmp_path / "size"), "--to", "gguf", "--target-size", str(size),
-                             "--imatrix", str(imatrix), "--method", "rtn"])  # fmt: skip
+                             "--imatrix", str(imatrix), "--method", "rtn", "--split-max-size", "5M"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "mix for" in r.output and "routed_gate_up" in r.output
+    assert len(list((tmp_path / "size").glob("*.gguf"))) > 1  # every file's header counted
     assert 0.98 * size <= _gguf_bytes(tmp_path / "size") <= size
 
     text = heldout_text()
