@@ -16,12 +16,16 @@ agreement, PPL(Q)/PPL(base), and for each k2quant mix its margin over every stoc
 same or larger size in combined standard errors ((stock - mix) / sqrt(u_stock^2 + u_mix^2); at
 least 1 is the issue's bar).
 
-Usage: python bench/lowbit.py [--dir /tmp/k2bench-lowbit] [--chunks 40] [--imatrix llama k2quant]
+With --diff N every file is also scored by `k2quant diff` (k2quant's own layer-streamed forward)
+against the BF16 GGUF on the first held-out text, N chunks.
+
+Usage: python bench/lowbit.py [--dir /tmp/k2bench-lowbit] [--chunks 40] [--imatrix llama k2quant] [--diff N]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import subprocess
 import sys
@@ -36,8 +40,10 @@ from k2quant import minik2, open_checkpoint  # noqa: E402
 from k2quant.calib.datasets import bundled_texts  # noqa: E402
 from k2quant.convert_gguf import convert_gguf  # noqa: E402
 from k2quant.formats.imatrix import read_imatrix_gguf  # noqa: E402
+from k2quant.formats.tokenizer import load_tokenizer  # noqa: E402
 from k2quant.mix import format_mix, plan_mix  # noqa: E402
 from k2quant.recipe import build_recipe  # noqa: E402
+from k2quant.report.diff import run_diff  # noqa: E402
 
 GROUPS = {"2-bit": ("iq2_xxs", "iq2_m", "q2_k"), "3-bit": ("iq3_xxs", "q3_k_m")}  # the first: the mix's target
 
@@ -52,6 +58,13 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/k2bench-lowbit")
     ap.add_argument("--chunks", type=int, default=40, help="512-token chunks scored per text (at most)")
     ap.add_argument("--imatrix", nargs="*", default=["llama", "k2quant"], choices=["llama", "k2quant"])
+    ap.add_argument(
+        "--diff",
+        type=int,
+        default=0,
+        metavar="CHUNKS",
+        help="also score every file with k2quant diff (its forward) on the first text, this many chunks",
+    )
     a = ap.parse_args()
     root = Path(a.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -110,18 +123,34 @@ def main() -> None:
                 (m, u), (t1, t1u) = s["kld"], s["top1"]
                 print(f"  {label:34} {_bpw(path):6.3f} {path.stat().st_size / 1e6:7.2f} {m:10.6f} ± {u:8.6f} "
                       f"{s['max_kld']:7.3f} {t1:7.3f} ± {t1u:5.3f} {s['ppl_ratio'][0]:9.4f}")  # fmt: skip
-            for presets in GROUPS.values():
-                mix_label = f"k2quant mix @ {presets[0]} size"
-                mm, mu = res[mix_label]["kld"]
-                size = files[mix_label].stat().st_size
-                for p in presets:
-                    label = f"llama-quantize {p}"
-                    if files[label].stat().st_size < size:
-                        continue  # only stock files of the same or larger size count
-                    sm, su = res[label]["kld"]
-                    z = (sm - mm) / math.sqrt(su * su + mu * mu)
-                    verdict = "better" if z >= 1 else ("level" if z > -1 else "worse")
-                    print(f"  {mix_label} vs {p}: {z:+.2f} combined standard errors ({verdict})")
+            _margins(files, res, "llama-perplexity")
+            if a.diff and src == heldout[0]:
+                print(f"  k2quant diff, {a.diff} chunks of 512 (the second half of each scored):")
+                ids = text.with_suffix(".ids.json")  # the GGUFs carry no tiktoken.model beside them
+                ids.write_text(json.dumps(load_tokenizer(fp8).encode(text.read_text(encoding="utf-8"))))
+                dres = {}
+                for label, path in files.items():
+                    m = run_diff(bf16, path, [ids], ctx=512, chunks=a.diff, progress=False)
+                    dres[label] = {"kld": (m["kld"]["mean"], m["kld"]["stderr"])}
+                    k = m["kld"]
+                    print(f"  {label:34} {k['mean']:10.6f} ± {k['stderr']:8.6f}  max {k['max']:.3f}")
+                _margins(files, dres, "k2quant diff")
+
+
+def _margins(files: dict[str, Path], res: dict, who: str) -> None:
+    """Each mix against every stock file of the same or larger size, in combined standard errors."""
+    for presets in GROUPS.values():
+        mix_label = f"k2quant mix @ {presets[0]} size"
+        mm, mu = res[mix_label]["kld"]
+        size = files[mix_label].stat().st_size
+        for p in presets:
+            label = f"llama-quantize {p}"
+            if files[label].stat().st_size < size:
+                continue  # only stock files of the same or larger size count
+            sm, su = res[label]["kld"]
+            z = (sm - mm) / math.sqrt(su * su + mu * mu)
+            verdict = "better" if z >= 1 else ("level" if z > -1 else "worse")
+            print(f"  {who}: {mix_label} vs {p}: {z:+.2f} combined standard errors ({verdict})")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -519,6 +520,14 @@ def test_cli_gguf_inspect_and_diff(ggufs, mini_k2, heldout_file, tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads(r.output)
     assert 0 < m["kld"]["mean"] < 0.05
+    # a GGUF as REF with text data: the tokenizer beside it (as `run` reads it), else one clear error
+    args = ["--data", str(heldout_file), "--ctx", "256", "--chunks", "1", "--json"]
+    r = CliRunner().invoke(main, ["diff", str(gfile), str(gfile), *args, "--out", str(tmp_path / "r2")])
+    assert r.exit_code == 1 and "no tiktoken.model to tokenize" in r.output and "Traceback" not in r.output, r.output
+    shutil.copy(gfile, tmp_path / gfile.name)
+    shutil.copy(Path(mini_k2["fp8"]) / "tiktoken.model", tmp_path)
+    r = CliRunner().invoke(main, ["diff", str(tmp_path / gfile.name), str(gfile), *args, "--out", str(tmp_path / "r3")])
+    assert r.exit_code == 0 and json.loads(r.output)["kld"]["mean"] == 0.0, r.output
 
 
 def test_cli_convert_gguf_help_has_examples():

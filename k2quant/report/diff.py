@@ -57,10 +57,13 @@ def load_tokens(paths: list[str | Path], tokenizer_dir: str | Path) -> torch.Ten
             ids.extend(data)
         else:
             if tok is None:
+                d = Path(tokenizer_dir)
+                d = d if d.is_dir() else d.parent  # a GGUF file: the tokenizer beside it, as `run` reads it
                 try:
-                    tok = load_tokenizer(tokenizer_dir)
+                    tok = load_tokenizer(d)
                 except FileNotFoundError:
-                    raise DiffError(f"{tokenizer_dir}: no tiktoken.model to tokenize {p}; pass token ids") from None
+                    raise DiffError(f"{d}: no tiktoken.model to tokenize {p} with; pass token ids (.npy or .json), "
+                                    "or put the release's tiktoken.model beside the GGUF") from None  # fmt: skip
             for doc in load_texts([p]):
                 ids.extend(tok.encode(doc))
     return torch.tensor(ids, dtype=torch.long)
