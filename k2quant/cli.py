@@ -174,7 +174,7 @@ def demo(out: str) -> None:
     default="measured",
     show_default=True,
     help="--target-size / --bpw: measured (each type's error on sampled weights) or prior (each type's error on "
-    "a Gaussian matrix: by size and token share alone).",
+    "a Gaussian matrix: by size and number of matrices alone).",
 )
 @click.option("--split-max-size", default=None, help="gguf: split into files of at most this size (e.g. 48G).")
 @click.option("--name", "model_name", default=None, help="gguf: file stem and general.name (default SRC-PRESET).")
