@@ -240,26 +240,24 @@ def convert(src, out, target, preset, recipe_file, overrides, method, act_order,
     if target == "gguf":
         from .convert_gguf import convert_gguf, parse_size
 
-        mix = None
+        mix, extra, extra_summary = None, None, None
         if mixing:
             from . import open_checkpoint
             from .mix import format_mix, parse_bpw, plan_mix
             from .runner.console import parse_bytes
 
             size = parse_bytes(target_size, "--target-size") if target_size else None
+            model_name = model_name or f"{Path(src).name}-{target_size or f'{bpw}bpw'}"
             mix = plan_mix(open_checkpoint(src), target_size=size, bpw=parse_bpw(bpw) if bpw else None,
                            imatrix=imatrix, sensitivity=sensitivity, split_max_size=parse_size(split_max_size),
-                           progress=not as_json)  # fmt: skip
+                           stem=model_name, progress=not as_json)  # fmt: skip
             recipe = mix.recipe()
-            model_name = model_name or f"{Path(src).name}-{mix.bpw:.2f}bpw"
+            extra, extra_summary = {"recipe.toml": mix.toml()}, {"mix": mix.summary()}
             if not as_json:
                 click.echo(format_mix(mix))
         summary = convert_gguf(src, out, recipe, method=method, resume=resume, imatrix=imatrix,
                                split_max_size=split_max_size, name=model_name, progress=not as_json,
-                               workers=workers)  # fmt: skip
-        if mix is not None:
-            (Path(out) / "recipe.toml").write_text(mix.toml(), encoding="utf-8")
-            summary["mix"] = mix.summary()
+                               workers=workers, extra_files=extra, extra_summary=extra_summary)  # fmt: skip
         click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
         return
     summary = run_convert(src, out, recipe, method="gptq-act-order" if act_order else method, workers=workers,

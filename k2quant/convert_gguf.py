@@ -14,6 +14,7 @@ bytes depend only on the inputs and settings.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import time
@@ -305,6 +306,8 @@ def convert_gguf(
     split_max_size: int | str | None = None,
     name: str | None = None,
     workers: int = 1,
+    extra_files: dict[str, str] | None = None,
+    extra_summary: dict | None = None,
 ) -> dict:
     """Convert a checkpoint to GGUF file(s) in `out`; returns the summary.
 
@@ -312,7 +315,9 @@ def convert_gguf(
     block; "rtn": llama.cpp's own procedure only (faster). `imatrix` weights the searches.
     workers > 1: pieces (experts, row chunks, small tensors) are encoded in that many spawned
     processes with one torch thread each (the encoders are many small tensor operations,
-    which threads within one process barely speed up); the bytes do not change."""
+    which threads within one process barely speed up); the bytes do not change. `extra_files`
+    (name -> text, e.g. a mix's recipe.toml) and `extra_summary` go into OUT before the manifest,
+    which lists the files."""
     if method not in ("mse", "rtn"):
         raise ConvertError(f"unknown method {method!r} (mse or rtn)")
     t0 = time.time()
@@ -344,8 +349,13 @@ def convert_gguf(
                 _record(out, fp, done, settings)
     _STATE.clear()
     bar.close()
-    summary = _summary(plan, out, time.time() - t0)
-    seal(out, [done[n] for n in names], summary)
+    summary = {**_summary(plan, out, time.time() - t0), **(extra_summary or {})}
+    entries = [done[n] for n in names]
+    for fname, text in (extra_files or {}).items():
+        data = text.encode("utf-8")
+        (out / fname).write_bytes(data)
+        entries.append(FileEntry(fname, len(data), hashlib.sha256(data).hexdigest()))
+    seal(out, entries, summary)
     return summary
 
 

@@ -41,14 +41,15 @@ import heapq
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .checkpoint import Checkpoint
 from .convert_gguf import Importance, PlannedGGUF, plan_gguf
 from .errors import K2QuantError
-from .formats.gguf import split_kv_b
-from .plan import gguf_sizes
+from .formats.gguf import ARCH, add_metadata, add_tokenizer, split_kv_b
+from .plan import GGUF_KV_BYTES_PER_TOKEN, GGUF_KV_FIXED, gguf_sizes
 from .quant import ggml
 from .recipe import LLAMA_FTYPES, Recipe, build_recipe
 
@@ -156,7 +157,7 @@ class MixPlan:
                             "expected_error": g.options[g.type][1]} for g in self.groups]}  # fmt: skip
 
     def table(self) -> list[tuple[str, str, int, float]]:
-        """(class, types by layer, bytes, share of the file) per class, in CLASSES order."""
+        """(class, types by layer, bytes, share of the tensor data) per class, in CLASSES order."""
         rows = []
         for cls in CLASSES:
             gs = [g for g in self.groups if g.cls == cls]
@@ -207,23 +208,36 @@ def _rows(w: torch.Tensor) -> tuple[torch.Tensor, float]:
     return w[idx], n / SAMPLE_ROWS
 
 
+def _read_rows(ck: Checkpoint, src: str) -> tuple[torch.Tensor, float]:
+    """Up to SAMPLE_ROWS rows of a 2-D source weight spread over it, read from its stored form
+    (four runs of 16 rows at multiples of 128, so a large matrix is never decoded whole), and the
+    factor from them to all rows."""
+    n = ck.info(src).shape[0]
+    if n < 4 * 128 or not hasattr(ck, "stored"):
+        return _rows(ck.tensor(src, torch.float32))
+    st = ck.stored(src)
+    starts = [i * (n // 128 - 1) // 3 * 128 for i in range(4)]
+    rows = torch.cat([st.rows(r, r + SAMPLE_ROWS // 4).dequantize(torch.float32) for r in starts])
+    return rows, n / rows.shape[0]
+
+
 def _samples(ck: Checkpoint, t: PlannedGGUF, imp: Importance, token_share: list[float]):
     """(rows, column importance or None, factor to the whole tensor times its token share) of t."""
     if t.kind == "experts":
         n = len(t.sources)
-        for e in sorted({round(i * (n - 1) / max(1, SAMPLE_MATRICES - 1)) for i in range(SAMPLE_MATRICES)}):
+        picked = sorted({round(i * (n - 1) / max(1, SAMPLE_MATRICES - 1)) for i in range(SAMPLE_MATRICES)})
+        if not any(token_share[e] for e in picked):  # no token reached them: count them as average experts
+            token_share = [sum(token_share) / n or ck.config.num_experts_per_tok / n] * n
+        for e in picked:
             rows, f = _rows(ck.tensor(t.sources[e], torch.float32))
-            yield rows, imp.get(t.name, e), f * token_share[e] * n / min(n, SAMPLE_MATRICES)
+            yield rows, imp.get(t.name, e), f * token_share[e] * n / len(picked)
     elif t.kind in ("k_b", "v_b"):
         heads = split_kv_b(ck.tensor(t.sources[0], torch.float32), ck.config, t.kind)
         for h in sorted({0, len(heads) // 2}):
             rows, f = _rows(heads[h])
             yield rows, imp.get(t.name, h, rows.shape[1]), f * len(heads) / len({0, len(heads) // 2})
     else:
-        w = ck.tensor(t.sources[0], torch.float32)
-        rows, f = _rows(w)
-        if t.name == "token_embd.weight":  # a token reads one row, not all of them: the mean row's error
-            f /= w.shape[0]
+        rows, f = _read_rows(ck, t.sources[0])
         yield rows, imp.get(t.name), f
 
 
@@ -334,12 +348,13 @@ def allocate(groups: list[Group], budget: int) -> int:
 # ---------------------------------------------------------------------------- the plan
 def plan_mix(ck: Checkpoint, *, target_size: int | None = None, bpw: float | None = None,
              imatrix: str | None = None, sensitivity: str = "measured", assume_imatrix: bool = False,
-             split_max_size: int = 0, progress: bool = False) -> MixPlan:  # fmt: skip
+             split_max_size: int = 0, stem: str = "", progress: bool = False) -> MixPlan:  # fmt: skip
     """The mix of the least expected error whose file is at most target_size bytes, or whose
     tensor data is at most bpw bits per weight of the file (every weight, F32 ones included).
     `assume_imatrix` (no `imatrix` file, prior sensitivity): plan as if one with an entry for every
     matrix but token_embd will be given to convert, as `plan --calib` does. `split_max_size`: the
-    files convert will write (each with its header), as --split-max-size gives it."""
+    files convert will write (each with its header), as --split-max-size gives it; `stem`: the
+    file name and general.name convert will write (the metadata is then measured, not estimated)."""
     if (target_size is None) == (bpw is None):
         raise MixError("a mix needs a target size or bits per weight (one of them)")
     types = ladder(imatrix is not None or assume_imatrix)
@@ -381,19 +396,45 @@ def plan_mix(ck: Checkpoint, *, target_size: int | None = None, bpw: float | Non
         raise MixError(f"sensitivity {sensitivity!r}: expected measured or prior")
     fixed = sum(t.nbytes for t in base.tensors if group_of(t.name) is None or t.type == "F32")
     budget = target_bytes - fixed
+    kv_error = 0  # the measured metadata less the planner's estimate of it
     if counted == "file":  # the header, and each tensor's data 32-byte aligned
-        budget -= gguf_sizes(base, ck.config.vocab_size)[2] + 32 * len(base.tensors)
+        kv = _metadata_bytes(ck, stem or "x" * 64, base.file_type)
+        if kv is not None:
+            kv_error = kv - (GGUF_KV_FIXED + GGUF_KV_BYTES_PER_TOKEN * ck.config.vocab_size) + 64  # + padding, stem
+        budget -= gguf_sizes(base, ck.config.vocab_size)[2] + 32 * len(base.tensors) + kv_error
     for _ in range(4):
         allocate(order, budget)
         preset = _file_type(order)
         plan = plan_gguf(ck, build_recipe(preset, overrides=[f"{g.pattern}={g.type.lower()}" for g in order],
                                           target="gguf"), "rtn", "mix", split_max_size, bool(have))  # fmt: skip
         data, sizes, _ = gguf_sizes(plan, ck.config.vocab_size)
-        total = sum(sizes) if counted == "file" else data
+        total = sum(sizes) + kv_error if counted == "file" else data
         if total <= target_bytes:
-            return MixPlan(target, target_bytes, counted, sensitivity, order, preset, sum(sizes), data, params)
+            return MixPlan(target, target_bytes, counted, sensitivity, order, preset, sum(sizes) + kv_error, data,
+                           params)  # fmt: skip
         budget -= total - target_bytes
     raise MixError(f"no mix under {target}: the planned file stays {total - target_bytes} bytes over")
+
+
+def _metadata_bytes(ck: Checkpoint, stem: str, file_type: int) -> int | None:
+    """The first file's key/value bytes as convert writes them (architecture keys, tokenizer, chat
+    template), measured by writing them; None without the release's tokenizer files (an inventory)."""
+    import tempfile
+
+    import gguf
+
+    with tempfile.TemporaryDirectory() as d:
+        w = gguf.GGUFWriter(str(Path(d) / "kv.gguf"), ARCH)
+        try:
+            add_metadata(w, ck.config, stem, file_type)
+            add_tokenizer(w, ck.path, ck.config.vocab_size)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+        except (OSError, K2QuantError):
+            return None
+        finally:
+            w.close()
+        return (Path(d) / "kv.gguf").stat().st_size - 24  # less magic, version and the two counts
 
 
 def _allowed(name: str, typ: str, have: set[str]) -> bool:

@@ -83,6 +83,9 @@ def test_mix_on_mini_k2_is_under_the_target_reproducible_and_runs_in_llama_cpp(m
                              "--imatrix", str(imatrix), "--method", "rtn", "--name", "mix"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert path.read_bytes() == next(again.glob("*.gguf")).read_bytes()
+    r = runner.invoke(main, ["verify", str(out), "--json"])  # recipe.toml in the manifest, the mix in the summary
+    assert r.exit_code == 0 and not json.loads(r.output)["unlisted"], r.output
+    assert json.loads((out / "k2quant_convert.json").read_text())["mix"]["data_bytes"] == data
 
     size = int(0.8 * _gguf_bytes(out))
     r = runner.invoke(main, ["convert", str(src), str(tmp_path / "size"), "--to", "gguf", "--target-size", str(size),
