@@ -240,9 +240,9 @@ BENCH = {"packed_cpu_bytes": 5572489728, "kv_cache_bytes": 16809984, "peak_rss":
 
 def test_k2_dimensions_against_bench_run():
     """At K2's dimensions the plan reproduces what the runner held (to the byte), its peak RSS (within
-    10%), llama.cpp's bytes per token (to the byte), and the runner's decode speed within 30%: its CPU
-    kernels' rates measured here, as `plan` measures them (bench/run.py measured on this machine).
-    llama.cpp's speed is predicted as the bandwidth bound (ratio printed, not held to 30%)."""
+    10%) and llama.cpp's bytes per token (to the byte); the runner's decode speed predicted from its CPU
+    kernels' rates measured here, as `plan` measures them, against bench/run.py's is printed, as is
+    llama.cpp's against the bandwidth bound."""
     cfg = K2Config.from_dict(k2_config_dict(num_hidden_layers=3, n_routed_experts=64, vocab_size=16384))
     ck = config_checkpoint(cfg, Path("bench"), 3)
     recipe = build_recipe("k2-int4", overrides=[r"self_attn\.|shared_experts\.|layers\.0\.mlp\.=bf16"])
@@ -279,7 +279,9 @@ def test_k2_dimensions_against_bench_run():
         f"{BENCH['llama_tg128_at_4096'] / theirs[1]:.2f})"
     )
     assert abs(ratio - 1) <= 0.10
-    assert all(0.7 <= r <= 1.3 for r in speed), (speed, rates, reads)
+    # the speeds are printed, not held: BENCH's were measured by bench/run.py on the machine it ran on,
+    # the kernel rates here on this one (0.84 / 0.83 where both were the same machine; a timed bound
+    # in a test fails on any other)
     assert BENCH["llama_tg128"] < theirs[0]  # a bound
 
 
