@@ -240,7 +240,7 @@ def convert(src, out, target, preset, recipe_file, overrides, method, act_order,
     if target == "gguf":
         from .convert_gguf import convert_gguf, parse_size
 
-        mix, extra, extra_summary = None, None, None
+        extra, extra_summary = None, None
         if mixing:
             from . import open_checkpoint
             from .mix import format_mix, parse_bpw, plan_mix

@@ -252,28 +252,24 @@ def _token_shares(t: PlannedGGUF, imp: Importance, cfg) -> list[float]:
     return [float(c) / float(tokens[1][0]) for c in entry[1]]
 
 
-def _measure(ck: Checkpoint, groups: list[Group], types: tuple[str, ...], imp: Importance, bar=None) -> None:
-    """Each group's error at each type, from its sampled weights (in place): the sum over its
+def _measure(ck: Checkpoint, g: Group, imp: Importance) -> None:
+    """The group's error at each of its types, from its sampled weights (in place): the sum over its
     matrices of the importance-weighted noise-to-signal ratio (token-weighted over experts)."""
-    for g in groups:
-        err = dict.fromkeys(types, 0.0)
-        for t in g.tensors:
-            shares = _token_shares(t, imp, ck.config) if t.kind == "experts" else []
-            noise, signal = dict.fromkeys(types, 0.0), 0.0
-            for rows, col, f in _samples(ck, t, imp, shares):
-                cw = col if col is not None else torch.ones(rows.shape[1])
-                signal += f * float(((rows**2) * cw).sum())
-                for typ in types:
-                    fit = ggml.fit_type(typ, rows.shape[1])
-                    q = ggml.dequantize(ggml.quantize(rows, fit, col, search=False), fit, rows.shape[1])
-                    noise[typ] += f * float((((q - rows) ** 2) * cw).sum())
-            stages = _stages(g, ck.config)
-            for typ in types:
-                err[typ] += stages * noise[typ] / signal if signal > 0 else 0.0
-            if bar is not None:
-                bar.update(1)
-        for typ in types:
-            g.options[typ] = (g.options[typ][0], err[typ])
+    stages = _stages(g, ck.config)
+    err = dict.fromkeys(g.options, 0.0)
+    for t in g.tensors:
+        shares = _token_shares(t, imp, ck.config) if t.kind == "experts" else []
+        noise, signal = dict.fromkeys(g.options, 0.0), 0.0
+        for rows, col, f in _samples(ck, t, imp, shares):
+            cw = col if col is not None else torch.ones(rows.shape[1])
+            signal += f * float(((rows**2) * cw).sum())
+            for typ in noise:
+                fit = ggml.fit_type(typ, rows.shape[1])
+                q = ggml.dequantize(ggml.quantize(rows, fit, col, search=False), fit, rows.shape[1])
+                noise[typ] += f * float((((q - rows) ** 2) * cw).sum())
+        for typ in err:
+            err[typ] += stages * noise[typ] / signal if signal > 0 else 0.0
+    g.options = {typ: (b, err[typ]) for typ, (b, _) in g.options.items()}
 
 
 _REFERENCE: dict[str, float] = {}
@@ -294,10 +290,9 @@ def _stages(g: Group, cfg) -> int:
     return cfg.num_hidden_layers if g.cls in ("token_embd", "output") else 1
 
 
-def _prior(groups: list[Group], types: tuple[str, ...], cfg) -> None:
-    for g in groups:
-        for typ in types:
-            g.options[typ] = (g.options[typ][0], _stages(g, cfg) * len(g.tensors) * reference_error(typ))
+def _prior(g: Group, cfg) -> None:
+    """The group's error at each of its types from each type's error on a Gaussian matrix (in place)."""
+    g.options = {typ: (b, _stages(g, cfg) * len(g.tensors) * reference_error(typ)) for typ, (b, _) in g.options.items()}
 
 
 # ---------------------------------------------------------------------------- allocation
@@ -385,13 +380,11 @@ def plan_mix(ck: Checkpoint, *, target_size: int | None = None, bpw: float | Non
     if sensitivity == "measured":
         from tqdm import tqdm
 
-        with tqdm(total=sum(len(g.tensors) for g in order), desc="sensitivity", unit="tensor",
-                  disable=not progress) as bar:  # fmt: skip
-            for g in order:
-                _measure(ck, [g], tuple(g.options), imp, bar)
+        for g in tqdm(order, desc="sensitivity", unit="group", disable=not progress):
+            _measure(ck, g, imp)
     elif sensitivity == "prior":
         for g in order:
-            _prior([g], tuple(g.options), ck.config)
+            _prior(g, ck.config)
     else:
         raise MixError(f"sensitivity {sensitivity!r}: expected measured or prior")
     fixed = sum(t.nbytes for t in base.tensors if group_of(t.name) is None or t.type == "F32")

@@ -16,10 +16,9 @@ super-block with the chosen multiples and stores it * 1.1125). llama.cpp asserts
 matrix for IQ1_S (so does k2quant); llama-quantize refuses IQ1_M without one except for token_embd
 and output (convert checks that).
 
-`search=True` keeps llama.cpp's result as a candidate and scores what is stored as it decodes:
-each block's multiple one step either way under the stored scale and under it nudged by +-0.5% /
-+-1%; then each group's point chosen again among the whole grid (its shift kept), and the
-multiples again; the lowest importance-weighted error wins per 256 weights. Rows run in parallel;
+`search=True` is iq_grid.search over the stored values (each group's shift kept, the multiples
+0..7): llama.cpp's result is kept as a candidate; the lowest importance-weighted error wins per
+256 weights. Rows run in parallel;
 each row's bytes depend only on that row.
 """
 
@@ -30,11 +29,12 @@ import numpy as np
 from numba import njit, prange
 
 from .iq4_kernel import _f16_bits, _round16
-from .iq_grid import NUDGE, column_weights, grid_index, sigma2_of, tables
+from .iq_grid import NUDGE, column_weights, grid_index, search, sigma2_of, tables
 
 _EPS_S = np.float32(1e-12)  # GROUP_MAX_EPS_IQ1_S
 _EPS_M = np.float32(1e-7)  # GROUP_MAX_EPS_IQ1_M
 _DELTA = np.float32(0.125)  # IQ1S_DELTA = IQ1M_DELTA
+_TWO = np.float32(2.0)  # d * (2 s + 1) = d * (0.5 + s) * 2, as iq_grid.search decodes a block
 _XP = np.array([-1 + 0.125, 0.125, 1 + 0.125], dtype=np.float32)  # levels 0, 1, 2 shifted up
 _XM = np.array([-1 - 0.125, -0.125, 1 - 0.125], dtype=np.float32)  # and down
 _MASKS = np.array([0x00, 0x80, 0x08, 0x88], dtype=np.int64)  # IQ1_M: the two groups' shift bits per case
@@ -205,84 +205,12 @@ def _superblock(levels, kmap, offsets, nbrs, x, imp, has_imp, o, m, gidx, neg, s
     return max_scale
 
 
-# ---------------------------------------------------------------------------- k2quant's search
-@njit(cache=True)
-def _block_error(mags, x, mw, o, D, ls, gidx, neg, ib):
-    gpb = gidx.shape[1]
-    dl = D * np.float32(2 * ls + 1)
-    err = 0.0
-    for k in range(gpb):
-        delta = -_DELTA if neg[ib, k] else _DELTA
-        for i in range(8):
-            p = o + 8 * (gpb * ib + k) + i
-            e = dl * (mags[gidx[ib, k], i] + delta) - x[p]
-            err += mw[p] * e * e
-    return err
-
-
-@njit(cache=True)
-def _best_multiples(mags, x, mw, o, D, ls0, gidx, neg, ls):
-    total = 0.0
-    for ib in range(gidx.shape[0]):
-        be, bl = np.inf, 0
-        for step in (-1, 0, 1):
-            lc = min(7, max(0, ls0[ib] + step))
-            e = _block_error(mags, x, mw, o, D, lc, gidx, neg, ib)
-            if e < be:
-                be, bl = e, lc
-        ls[ib] = bl
-        total += be
-    return total
-
-
-@njit(cache=True)
-def _regrid(mags, x, mw, o, D, ls, gidx, neg):
-    gpb = gidx.shape[1]
-    for ib in range(gidx.shape[0]):
-        dl = D * np.float32(2 * ls[ib] + 1)
-        for k in range(gpb):
-            delta = -_DELTA if neg[ib, k] else _DELTA
-            go = o + 8 * (gpb * ib + k)
-            be, bg = np.inf, gidx[ib, k]
-            for g in range(mags.shape[0]):
-                e = 0.0
-                for i in range(8):
-                    d = dl * (mags[g, i] + delta) - x[go + i]
-                    e += mw[go + i] * d * d
-                if e < be or (e == be and g == gidx[ib, k]):
-                    be, bg = e, g
-            gidx[ib, k] = bg
-
-
-@njit(cache=True)
-def _search(mags, x, mw, o, D, ls, gidx, neg, nudge):
-    """llama.cpp's (D, ls, gidx) improved against the values as they decode; returns the new D."""
-    nb = gidx.shape[0]
-    best = 0.0
-    for ib in range(nb):
-        best += _block_error(mags, x, mw, o, D, ls[ib], gidx, neg, ib)
-    ls0, lc = ls.copy(), np.empty(nb, dtype=np.int64)
-    for k in range(5):
-        Dk = D if k == 0 else _round16(D * nudge[k - 1])
-        e = _best_multiples(mags, x, mw, o, Dk, ls0, gidx, neg, lc)
-        if e < best:
-            best, D = e, Dk
-            ls[:] = lc
-    g0 = gidx.copy()
-    _regrid(mags, x, mw, o, D, ls, gidx, neg)
-    e = _best_multiples(mags, x, mw, o, D, ls, gidx, neg, lc)
-    if e < best:
-        ls[:] = lc
-    else:
-        gidx[:] = g0
-    return D
-
-
 # ---------------------------------------------------------------------------- one row
 @njit(cache=True)
 def _row(mags, levels, kmap, offsets, nbrs, nudge, m, x, imp, has_imp, search_, out):
     nb, gpb, nbytes = (16, 2, 56) if m else (8, 4, 50)
     gidx, neg = np.zeros((nb, gpb), np.int64), np.zeros((nb, gpb), np.int64)
+    unsigned, offs = np.zeros((nb, gpb), np.int64), np.zeros((nb, gpb), np.float32)
     scales, ls = np.zeros(nb, np.float32), np.zeros(nb, np.int64)
     for o in range(0, x.shape[0], 256):
         max_scale = _superblock(levels, kmap, offsets, nbrs, x, imp, has_imp, o, m, gidx, neg, scales)
@@ -313,8 +241,11 @@ def _row(mags, levels, kmap, offsets, nbrs, nudge, m, x, imp, has_imp, search_, 
             D = _round16(d * np.float32(1.1125))
         else:
             D = _round16(d * np.float32(1.125))
-        if search_:
-            D = _search(mags, x, imp, o, D, ls, gidx, neg, nudge)
+        if search_:  # iq_grid's search: unsigned values, each group's grid shifted by its +-1/8
+            for ib in range(nb):
+                for k in range(gpb):
+                    offs[ib, k] = -_DELTA if neg[ib, k] else _DELTA
+            D = search(mags, x, imp, o, D, _TWO, 7, ls, gidx, unsigned, offs, nudge)
         h = _f16_bits(D)
         if m:  # 32 low index bytes; per block of 16 the two high 3 bits and shift bits; 4 words of multiples
             for ib in range(16):

@@ -184,6 +184,7 @@ def _row(mags, levels, kmap, offsets, nbrs, nudge, kind, x, imp, has_imp, search
     w, wa, xv = np.empty(256, np.float32), np.empty(256, np.float32), np.empty(256, np.float32)
     L, La = np.zeros(256, np.int64), np.zeros(256, np.int64)
     gidx, signs = np.zeros((nb, gpb), np.int64), np.zeros((nb, gpb), np.int64)
+    offs = np.zeros((nb, gpb), np.float32)  # the grid is not shifted
     scales, ls = np.zeros(nb, np.float32), np.zeros(nb, np.int64)
     for o in range(0, n, 256):
         if kind == 0:
@@ -199,7 +200,7 @@ def _row(mags, levels, kmap, offsets, nbrs, nudge, kind, x, imp, has_imp, search
         d = multiples(scales, max_scale, ls)
         D = _round16(d * np.float32(0.9875)) if kind == 2 else _round16(d)
         if search_:  # the multiples, then the grid points, against the values as they decode
-            D = search(mags, x, imp, o, D, _QUARTER, ls, gidx, signs, nudge)
+            D = search(mags, x, imp, o, D, _QUARTER, 15, ls, gidx, signs, offs, nudge)
         h = _f16_bits(D)
         out[ob], out[ob + 1] = h & 0xFF, h >> 8
         if kind == 2:  # 32 low index bytes, 32 sign bytes, the indices' top 2 bits, the multiples

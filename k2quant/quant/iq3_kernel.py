@@ -93,6 +93,7 @@ def _row(mags, levels, kmap, offsets, nbrs, nudge, xxs, x, imp, has_imp, search_
     w, wa, xv = np.empty(256, np.float32), np.empty(256, np.float32), np.empty(256, np.float32)
     L, La = np.zeros(256, np.int64), np.zeros(256, np.int64)
     gidx, signs, sb = np.zeros((8, 8), np.int64), np.zeros((8, 8), np.int64), np.zeros((8, 4), np.int64)
+    offs = np.zeros((8, 8), np.float32)  # the grid is not shifted
     scales, ls = np.zeros(8, np.float32), np.zeros(8, np.int64)
     for o in range(0, n, 256):
         max_scale = _blocks(levels, kmap, offsets, nbrs, x, imp, has_imp, o, w, wa, xv, sb, L, La, gidx, signs,
@@ -105,7 +106,7 @@ def _row(mags, levels, kmap, offsets, nbrs, nudge, xxs, x, imp, has_imp, search_
         d = multiples(scales, max_scale, ls)
         D = _round16(d * _FUDGE[1 if xxs else 0])
         if search_:  # the multiples, then the grid points, against the values as they decode
-            D = search(mags, x, imp, o, D, _C1[1 if xxs else 0], ls, gidx, signs, nudge)
+            D = search(mags, x, imp, o, D, _C1[1 if xxs else 0], 15, ls, gidx, signs, offs, nudge)
         h = _f16_bits(D)
         out[ob], out[ob + 1] = h & 0xFF, h >> 8
         if xxs:  # 64 index bytes; per 32 weights a word of 4 x 7 signs with the multiple in the top 4 bits

@@ -13,7 +13,8 @@ The shared steps (`to_grid`: round a group to the lattice and move it onto the g
 listed neighbour; `lattice_sums`: the weighted least-squares sums of the lattice values) are
 llama.cpp's, in float32. `search` is k2quant's: it keeps llama.cpp's result as a candidate and
 scores what is stored as it decodes, d * (0.5 + ls) * c1 per block times the grid's magnitudes
-(c1 = 1/4 for IQ2, 1/2 for IQ3_XXS, 2 for IQ3_S): each block's 4-bit multiple one step either way,
+(c1 = 1/4 for IQ2, 1/2 for IQ3_XXS, 2 for IQ3_S and IQ1, whose grid values are shifted by +-1/8):
+each block's multiple one step either way,
 under the fp16 super-scale and under it nudged by +-0.5% / +-1%; then each group's point chosen
 again among the whole grid at its block's decoded scale (signs fixed), and the multiples again.
 The lowest importance-weighted error wins per 256 weights.
@@ -244,15 +245,16 @@ def sigma2_of(x, o):
 
 
 # ---------------------------------------------------------------------------- k2quant's search
-# gidx, signs: (blocks, groups per block) grid indices and per-weight sign bits of one 256-weight
-# super-block; ls: each block's 4-bit multiple of the fp16 super-scale D; a block decodes at
-# D * (0.5 + ls) * c1.
+# gidx, signs, offs: (blocks, groups per block) grid indices, per-weight sign bits and the shift
+# added to the grid's values (IQ1's +-1/8, else 0) of one 256-weight super-block; ls: each block's
+# multiple (0..lmax) of the fp16 super-scale D; a block decodes at D * (0.5 + ls) * c1.
 @njit(cache=True)
-def _group_error(mags, x, mw, o, db, g, sign):
-    """Weighted squared error of x[o:o+group] against grid point g decoded at db with its sign bits."""
+def _group_error(mags, x, mw, o, db, g, sign, off):
+    """Weighted squared error of x[o:o+group] against grid point g (shifted by off) decoded at db
+    with its sign bits."""
     err = 0.0
     for i in range(mags.shape[1]):
-        v = db * mags[g, i]
+        v = db * (mags[g, i] + off)
         if (sign >> i) & 1:
             v = -v
         e = v - x[o + i]
@@ -261,25 +263,25 @@ def _group_error(mags, x, mw, o, db, g, sign):
 
 
 @njit(cache=True)
-def _block_error(mags, x, mw, o, D, c1, ls, gidx, signs, ib):
+def _block_error(mags, x, mw, o, D, c1, ls, gidx, signs, offs, ib):
     gpb, gs = gidx.shape[1], mags.shape[1]
     db = D * (np.float32(0.5) + np.float32(ls)) * c1
     err = 0.0
     for k in range(gpb):
-        err += _group_error(mags, x, mw, o + gs * (gpb * ib + k), db, gidx[ib, k], signs[ib, k])
+        err += _group_error(mags, x, mw, o + gs * (gpb * ib + k), db, gidx[ib, k], signs[ib, k], offs[ib, k])
     return err
 
 
 @njit(cache=True)
-def _best_multiples(mags, x, mw, o, D, c1, ls0, gidx, signs, ls):
+def _best_multiples(mags, x, mw, o, D, c1, lmax, ls0, gidx, signs, offs, ls):
     """Each block's multiple under super-scale D, ls0 - 1, ls0 or ls0 + 1, the one of lowest error
     into ls; returns the total error."""
     total = 0.0
     for ib in range(gidx.shape[0]):
         be, bl = np.inf, 0
         for step in (-1, 0, 1):
-            lc = min(15, max(0, ls0[ib] + step))
-            e = _block_error(mags, x, mw, o, D, c1, lc, gidx, signs, ib)
+            lc = min(lmax, max(0, ls0[ib] + step))
+            e = _block_error(mags, x, mw, o, D, c1, lc, gidx, signs, offs, ib)
             if e < be:
                 be, bl = e, lc
         ls[ib] = bl
@@ -288,39 +290,39 @@ def _best_multiples(mags, x, mw, o, D, c1, ls0, gidx, signs, ls):
 
 
 @njit(cache=True)
-def _regrid(mags, x, mw, o, D, c1, ls, gidx, signs):
+def _regrid(mags, x, mw, o, D, c1, ls, gidx, signs, offs):
     """Each group's grid point chosen again among all of them at its block's decoded scale."""
     gpb, gs = gidx.shape[1], mags.shape[1]
     for ib in range(gidx.shape[0]):
         db = D * (np.float32(0.5) + np.float32(ls[ib])) * c1
         for k in range(gpb):
             go = o + gs * (gpb * ib + k)
-            be, bg = _group_error(mags, x, mw, go, db, gidx[ib, k], signs[ib, k]), gidx[ib, k]
+            be, bg = _group_error(mags, x, mw, go, db, gidx[ib, k], signs[ib, k], offs[ib, k]), gidx[ib, k]
             for g in range(mags.shape[0]):
-                e = _group_error(mags, x, mw, go, db, g, signs[ib, k])
+                e = _group_error(mags, x, mw, go, db, g, signs[ib, k], offs[ib, k])
                 if e < be:
                     be, bg = e, g
             gidx[ib, k] = bg
 
 
 @njit(cache=True)
-def search(mags, x, mw, o, D, c1, ls, gidx, signs, nudge):
+def search(mags, x, mw, o, D, c1, lmax, ls, gidx, signs, offs, nudge):
     """llama.cpp's (D, ls, gidx) improved against the values as they decode; returns the new D
     (ls and gidx changed in place). Never worse: each step keeps what it starts from as a candidate."""
     nb = gidx.shape[0]
     best = 0.0
     for ib in range(nb):
-        best += _block_error(mags, x, mw, o, D, c1, ls[ib], gidx, signs, ib)
+        best += _block_error(mags, x, mw, o, D, c1, ls[ib], gidx, signs, offs, ib)
     ls0, lc = ls.copy(), np.empty(nb, dtype=np.int64)
     for k in range(5):
         Dk = D if k == 0 else _round16(D * nudge[k - 1])
-        e = _best_multiples(mags, x, mw, o, Dk, c1, ls0, gidx, signs, lc)
+        e = _best_multiples(mags, x, mw, o, Dk, c1, lmax, ls0, gidx, signs, offs, lc)
         if e < best:
             best, D = e, Dk
             ls[:] = lc
     g0 = gidx.copy()
-    _regrid(mags, x, mw, o, D, c1, ls, gidx, signs)
-    e = _best_multiples(mags, x, mw, o, D, c1, ls, gidx, signs, lc)
+    _regrid(mags, x, mw, o, D, c1, ls, gidx, signs, offs)
+    e = _best_multiples(mags, x, mw, o, D, c1, lmax, ls, gidx, signs, offs, lc)
     if e < best:
         ls[:] = lc
     else:
