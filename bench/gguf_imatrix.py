@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from llamacpp import SETTING, llama_quantize, llama_tool, no_repack_args  # noqa: E402
 
-from k2quant import minik2, open_model  # noqa: E402
+from k2quant import minik2_bench, open_model  # noqa: E402
 from k2quant.calib.datasets import heldout_text  # noqa: E402
 from k2quant.calibrate import calibrate, calibration_sequences  # noqa: E402
 from k2quant.convert_gguf import convert_gguf  # noqa: E402
@@ -42,12 +42,14 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/k2bench-imatrix")
     ap.add_argument("--tokens", type=int, default=8192, help="calibration tokens")
     ap.add_argument("--eval-chunks", type=int, default=4)
+    ap.add_argument("--demo-model", action="store_true",
+                    help="the demo's mini-K2 (built in minutes) instead of the bench model (an hour once)")  # fmt: skip
     a = ap.parse_args()
     print(f"llama.cpp: llama-cpp-python {importlib.metadata.version('llama-cpp-python')}, {SETTING}")
-    root = Path(a.dir)
+    root = Path(a.dir) / ("demo-model" if a.demo_model else "bench-model")  # each model's files apart
     root.mkdir(parents=True, exist_ok=True)
-    info = minik2.build(minik2.default_dir(), progress=False)
-    bf16 = Path(info["bf16"])
+    _, bf16, about = minik2_bench.releases(a.demo_model)
+    print(about)
     cfg = open_model(bf16).config
     text = root / "calib.txt"  # the windows k2quant would sample, as text both tools read
     if not text.exists():
@@ -65,7 +67,7 @@ def main() -> None:
             convert_gguf(bf16, out, recipe, progress=False, **(kw or {}))
         paths[name] = next(out.glob("*.gguf"))
     if not imats["llama.cpp"].exists():
-        exe = llama_tool("llama-imatrix", root / "llama.cpp")
+        exe = llama_tool("llama-imatrix", Path(a.dir) / "llama.cpp")
         subprocess.run([str(exe), *no_repack_args(exe), "-m", str(paths["bf16"]), "-f", str(text), "-o",
                         str(imats["llama.cpp"]), "-c", "256", "-b", "256", "--chunks", str(a.tokens // 256), "-t", "2",
                         "--yarn-beta-fast", str(cfg.rope.beta_fast), "--yarn-beta-slow", str(cfg.rope.beta_slow)],

@@ -17,7 +17,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from k2quant import minik2
+from k2quant import minik2_bench
 from k2quant.calib.datasets import heldout_text
 from k2quant.calibrate import calibrate
 from k2quant.convert import convert
@@ -31,10 +31,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--dir", default="/tmp/k2bench-gptq")
     ap.add_argument("--act-order", action="store_true")
+    ap.add_argument("--demo-model", action="store_true",
+                    help="the demo's mini-K2 (built in minutes) instead of the bench model (an hour once)")  # fmt: skip
     a = ap.parse_args()
-    info = minik2.build(minik2.default_dir(), progress=False)
-    bf16 = Path(info["bf16"])
-    root = Path(a.dir)
+    _, bf16, about = minik2_bench.releases(a.demo_model)
+    print(about)
+    root = Path(a.dir) / ("demo-model" if a.demo_model else "bench-model")  # each model's files apart
     calib = root / "calib"
     root.mkdir(parents=True, exist_ok=True)
     a.heldout = root / "heldout.txt"  # calib/heldout/: read by neither training nor calibration

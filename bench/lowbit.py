@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from llamacpp import SETTING, kld_summary, llama_quantize, llama_tool, no_repack_args  # noqa: E402
 
-from k2quant import minik2, open_checkpoint  # noqa: E402
+from k2quant import minik2_bench, open_checkpoint  # noqa: E402
 from k2quant.calib.datasets import bundled_texts  # noqa: E402
 from k2quant.convert_gguf import convert_gguf  # noqa: E402
 from k2quant.formats.imatrix import read_imatrix_gguf  # noqa: E402
@@ -65,13 +65,15 @@ def main() -> None:
         metavar="CHUNKS",
         help="also score every file with k2quant diff (its forward) on the first text, this many chunks",
     )
+    ap.add_argument("--demo-model", action="store_true",
+                    help="the demo's mini-K2 (built in minutes) instead of the bench model (an hour once)")  # fmt: skip
     a = ap.parse_args()
-    root = Path(a.dir)
+    root = Path(a.dir) / ("demo-model" if a.demo_model else "bench-model")  # each model's files apart
     root.mkdir(parents=True, exist_ok=True)
-    info = minik2.build(minik2.default_dir(), progress=False)
-    fp8 = Path(info["fp8"])
-    perplexity = llama_tool("llama-perplexity", root / "llama.cpp")
-    imatrix_exe = llama_tool("llama-imatrix", root / "llama.cpp")
+    fp8, _, about = minik2_bench.releases(a.demo_model)
+    print(about)
+    perplexity = llama_tool("llama-perplexity", Path(a.dir) / "llama.cpp")
+    imatrix_exe = llama_tool("llama-imatrix", Path(a.dir) / "llama.cpp")
     print(f"mini-K2; llama.cpp tools from the llama-cpp-python source, {SETTING}")
     if not (root / "bf16").exists():
         convert_gguf(fp8, root / "bf16", build_recipe("bf16", target="gguf"), progress=False)

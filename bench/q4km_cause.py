@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from llamacpp import SETTING, errors_against_llama, kld_summary, llama_quantize, llama_tool, no_repack_args  # noqa: E402
 
-from k2quant import minik2, open_checkpoint  # noqa: E402
+from k2quant import minik2_bench, open_checkpoint  # noqa: E402
 from k2quant.calib.datasets import bundled_texts  # noqa: E402
 from k2quant.convert_gguf import convert_gguf  # noqa: E402
 from k2quant.formats.imatrix import read_imatrix_gguf  # noqa: E402
@@ -84,15 +84,17 @@ def main() -> None:
     ap.add_argument("--cases", nargs="*", default=["plain", "imatrix"], choices=["plain", "imatrix"])
     ap.add_argument("--preset", default="q4_k_m", choices=[p for p in LLAMA_FTYPES if p not in ("f32", "f16", "bf16")])
     ap.add_argument("--no-swaps", action="store_true", help="leave out the per-class attribution and the noise floor")
+    ap.add_argument("--demo-model", action="store_true",
+                    help="the demo's mini-K2 (built in minutes) instead of the bench model (an hour once)")  # fmt: skip
     a = ap.parse_args()
     P = a.preset
-    root = Path(a.dir)
+    root = Path(a.dir) / ("demo-model" if a.demo_model else "bench-model")  # each model's files apart
     root.mkdir(parents=True, exist_ok=True)
-    info = minik2.build(minik2.default_dir(), progress=False)
-    fp8 = Path(info["fp8"])
+    fp8, _, about = minik2_bench.releases(a.demo_model)
+    print(about)
     heldout = a.heldout or sorted((Path(__file__).resolve().parent.parent / "calib/heldout").glob("*.txt"))
-    perplexity = llama_tool("llama-perplexity", root / "llama.cpp")
-    imatrix_exe = llama_tool("llama-imatrix", root / "llama.cpp")
+    perplexity = llama_tool("llama-perplexity", Path(a.dir) / "llama.cpp")
+    imatrix_exe = llama_tool("llama-imatrix", Path(a.dir) / "llama.cpp")
     print(f"llama.cpp tools from the llama-cpp-python source, {SETTING}")
 
     def convert(name: str, preset: str, **kw) -> Path:

@@ -188,10 +188,21 @@ def train(
     stream: torch.Tensor,
     progress: bool = True,
     steps: int | None = None,
+    recipe: dict | None = None,
+    state_path: Path | None = None,
+    save_every: int = 200,
 ) -> dict:
-    """AdamW on next-token loss; after each step the correction bias of every MoE layer moves
-    toward balance (DeepSeek-V3's auxiliary-loss-free method: overloaded experts down, underloaded up)."""
-    t = dict(TRAIN, steps=steps or TRAIN["steps"])
+    """AdamW on next-token loss with linear warmup then cosine decay; after each step the correction
+    bias of every MoE layer moves toward balance (DeepSeek-V3's auxiliary-loss-free method:
+    overloaded experts down, underloaded up).
+
+    `recipe` defaults to TRAIN. With `state_path`, the parameters, optimizer, sampler and loss
+    history are saved there every `save_every` steps (temporary file, then rename) and a run
+    started again resumes from the last save, to the same bytes as an uninterrupted run; the file
+    is removed when training ends. It is read with torch.load(weights_only=True): tensors and
+    plain containers only, never code."""
+    t = dict(recipe or TRAIN)
+    t["steps"] = steps or t["steps"]
     model = K2Model(cfg, DictWeights(params))
     loads: dict[int, torch.Tensor] = {}
 
@@ -202,8 +213,20 @@ def train(
     trainable = [p for p in params.values() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=t["lr"], betas=(0.9, 0.95), weight_decay=0.1)
     g = torch.Generator().manual_seed(t["seed"] + 1)
-    history = []
-    bar = tqdm(range(t["steps"]), desc="training mini-K2", unit="step", disable=not progress)
+    history: list[float] = []
+    first = 0
+    if state_path is not None and state_path.is_file():
+        saved = torch.load(state_path, weights_only=True)
+        if saved["steps"] != t["steps"] or sorted(saved["params"]) != sorted(params):
+            raise RuntimeError(f"{state_path}: saved by a different training run; remove it to start over")
+        with torch.no_grad():
+            for name, value in saved["params"].items():
+                params[name].copy_(value)
+        opt.load_state_dict(saved["opt"])
+        g.set_state(saved["rng"])
+        history, first = list(saved["history"]), int(saved["step"])
+    bar = tqdm(range(first, t["steps"]), desc="training mini-K2", unit="step", disable=not progress,
+               initial=first, total=t["steps"])  # fmt: skip
     for step in bar:
         lr = t["lr"] * min(1.0, (step + 1) / t["warmup"]) * 0.5 * (1 + math.cos(math.pi * step / t["steps"]))
         for group in opt.param_groups:
@@ -224,8 +247,16 @@ def train(
                 bias += t["bias_update"] * torch.sign(load.float().mean() - load.float())
         history.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if state_path is not None and (step + 1) % save_every == 0 and step + 1 < t["steps"]:
+            tmp = state_path.with_name(state_path.name + ".tmp")
+            torch.save({"steps": t["steps"], "step": step + 1, "params": {k: v.detach() for k, v in params.items()},
+                        "opt": opt.state_dict(), "rng": g.get_state(), "history": history}, tmp)  # fmt: skip
+            os.replace(tmp, state_path)
+    if state_path is not None:
+        state_path.unlink(missing_ok=True)
     imbalance = {layer: (load.max().item() / load.float().mean().item()) for layer, load in loads.items()}
-    return {"loss_first": history[0], "loss_last": sum(history[-10:]) / 10, "max_over_mean_expert_load": imbalance}
+    return {"loss_first": history[0], "loss_last": sum(history[-10:]) / 10, "max_over_mean_expert_load": imbalance,
+            "loss_history": history}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- build
@@ -270,17 +301,10 @@ def build(out: str | Path, echo: Callable[[str], None] = print, progress: bool =
     eval_model = K2Model(cfg, DictWeights(params))
     ppl_before = perplexity(eval_model, heldout_stream, TRAIN["seq"])
     stats = train(cfg, params, train_stream, progress)
+    stats.pop("loss_history")
     ppl_after = perplexity(eval_model, heldout_stream, TRAIN["seq"])
     echo(f"mini-K2: held-out perplexity {ppl_before:.1f} before training, {ppl_after:.1f} after")
-    state = {k: v.detach() for k, v in params.items()}
-    for name, fp8 in (("model-fp8", True), ("model-bf16", False)):
-        d = out / name
-        c = dict(cfg_dict)
-        if not fp8:
-            c.pop("quantization_config")
-        save_checkpoint(d, c, dict(release_tensors(state, fp8=fp8)), num_shards=4, style="k2")
-        for f in tok_dir.iterdir():
-            (d / f.name).write_bytes(f.read_bytes())
+    save_release(out, cfg_dict, {k: v.detach() for k, v in params.items()}, tok_dir)
     info = {
         "recipe": recipe_hash(),
         "params": n_params,
@@ -297,6 +321,19 @@ def build(out: str | Path, echo: Callable[[str], None] = print, progress: bool =
     }
     write_json(info_path, info)
     return info
+
+
+def save_release(out: Path, cfg_dict: dict, state: dict[str, torch.Tensor], tok_dir: Path) -> None:
+    """Write `state` as K2 ships it (out/model-fp8/, block-FP8 with scales) and as BF16
+    (out/model-bf16/), four shards each with an index, the tokenizer's files beside each."""
+    for name, fp8 in (("model-fp8", True), ("model-bf16", False)):
+        d = out / name
+        c = dict(cfg_dict)
+        if not fp8:
+            c.pop("quantization_config")
+        save_checkpoint(d, c, dict(release_tensors(state, fp8=fp8)), num_shards=4, style="k2")
+        for f in sorted(tok_dir.iterdir()):
+            (d / f.name).write_bytes(f.read_bytes())
 
 
 def _update_chat_template(out: Path) -> None:

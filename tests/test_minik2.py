@@ -9,7 +9,7 @@ import torch
 from k2quant import open_checkpoint, open_model
 from k2quant.config import K2Config
 from k2quant.formats.tokenizer import load_tokenizer
-from k2quant.minik2 import config_dict, init_params, train
+from k2quant.minik2 import TRAIN, config_dict, init_params, train
 from k2quant.names import parse_name
 
 
@@ -102,6 +102,37 @@ def test_training_is_deterministic():
     train(cfg, a, stream, progress=False, steps=2)
     train(cfg, b, stream, progress=False, steps=2)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """The bench model trains for an hour: a run stopped after a save resumes from it and ends
+    on exactly the weights of an uninterrupted run; the state file is gone when training ends."""
+    cfg = K2Config.from_dict(config_dict())
+    stream = torch.randint(0, cfg.vocab_size, (5000,), generator=torch.Generator().manual_seed(0))
+    recipe = dict(TRAIN, steps=4, batch=2, seq=32, warmup=2)
+    whole = init_params(cfg, 0)
+    train(cfg, whole, stream, progress=False, recipe=recipe)
+    state = tmp_path / "train-state.pt"
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def stop_at_third_step(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return clip(*args, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", stop_at_third_step)
+    parts = init_params(cfg, 0)
+    try:
+        train(cfg, parts, stream, progress=False, recipe=recipe, state_path=state, save_every=2)
+    except KeyboardInterrupt:
+        pass
+    assert state.is_file()
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    resumed = init_params(cfg, 0)
+    stats = train(cfg, resumed, stream, progress=False, recipe=recipe, state_path=state, save_every=2)
+    assert len(stats["loss_history"]) == 4 and not state.exists()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
 def test_demo_runs_end_to_end(mini_k2):
