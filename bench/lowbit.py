@@ -106,11 +106,11 @@ def main() -> None:
                     llama_quantize(bf16, out, p, imatrix=colw)
                 files[f"llama-quantize {p}"] = out
             target = files[f"llama-quantize {presets[0]}"].stat().st_size
-            mix_dir = root / f"k2quant-mix-{group}-{which}"
+            mix_dir = root / f"k2quant-mix-rtn-{group}-{which}"
             if not mix_dir.exists():
                 mix = plan_mix(open_checkpoint(fp8), target_size=target, imatrix=str(imat))
                 print(format_mix(mix))
-                convert_gguf(fp8, mix_dir, mix.recipe(), progress=False, imatrix=str(imat), name="mix")
+                convert_gguf(fp8, mix_dir, mix.recipe(), method="rtn", progress=False, imatrix=str(imat), name="mix")
             files[f"k2quant mix @ {presets[0]} size"] = next(mix_dir.glob("*.gguf"))
         print(f"\n== imatrix: {which}'s ({imat.name})")
         for src in heldout:

@@ -126,7 +126,7 @@ def demo(out: str) -> None:
     help="int4: mse (error-minimizing clipping search), rtn (round-to-nearest) or gptq (Hessians from --calib DIR "
     "made by calibrate --hessian, else calibrated layer by layer here on --calib-data). gguf: mse (llama.cpp's "
     "two scale searches and a polish, the better per block) or rtn "
-    "(llama.cpp's own procedure only).",
+    "(llama.cpp's own procedure only); with --target-size / --bpw the default is rtn.",
 )
 @click.option("--act-order", is_flag=True, help="gptq: quantize columns by decreasing Hessian diagonal.")
 @click.option(
@@ -252,7 +252,10 @@ def convert(src, out, target, preset, recipe_file, overrides, method, act_order,
                            imatrix=imatrix, sensitivity=sensitivity, split_max_size=parse_size(split_max_size),
                            stem=model_name, progress=not as_json)  # fmt: skip
             recipe = mix.recipe()
-            extra, extra_summary = {"recipe.toml": mix.toml()}, {"mix": mix.summary()}
+            if click.get_current_context().get_parameter_source("method") == click.core.ParameterSource.DEFAULT:
+                method = "rtn"  # the plan measured llama.cpp's procedures; on the bench model mse lost (README)
+            toml = f"# convert --to gguf --recipe recipe.toml --method {method} makes the same file\n" + mix.toml()
+            extra, extra_summary = {"recipe.toml": toml}, {"mix": mix.summary()}
             if not as_json:
                 click.echo(format_mix(mix))
         summary = convert_gguf(src, out, recipe, method=method, resume=resume, imatrix=imatrix,

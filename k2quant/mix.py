@@ -18,10 +18,13 @@ its matrices. Every matrix is thus one stage whose relative corruption counts al
 size, except token_embd and output: every token's whole prediction passes through them (the
 residual stream starts as the one and ends in the other), so each counts as many stages as the
 model has layers. Cheap (no forward pass), from calibration's statistics, but blind to how much
-each stage's error grows through the layers after it. On mini-K2 (bench/lowbit.py) an absolute
-error put token_embd at IQ1_M and lost to every stock mix; the ratio without the layers' weight on
-token_embd / output lost at 2.3 bpw (by 4 standard errors to IQ2_XXS) and won at 3.2; as here it
-wins at both. Without weights (a header-only inventory: "prior") each type's relative error on a
+each stage's error grows through the layers after it. On the demo's mini-K2 (bench/lowbit.py
+--demo-model) an absolute error put token_embd at IQ1_M and lost to every stock mix; the ratio
+without the layers' weight on token_embd / output lost at 2.3 bpw (by 4 standard errors to
+IQ2_XXS) and won at 3.2; as here it wins at both. On the bench model (k2quant.minik2_bench) it
+wins at both when the file is encoded with llama.cpp's procedures, which these errors measure
+(`convert --target-size` defaults to --method rtn), and loses at 2.3 bpw through the mse search.
+Without weights (a header-only inventory: "prior") each type's relative error on a
 fixed Gaussian matrix stands in for the measurement, so groups differ only by size and number of
 matrices (token_embd / output weighted the same way).
 

@@ -62,14 +62,16 @@ def _plan(ck, mix):
 def test_mix_on_mini_k2_is_under_the_target_reproducible_and_runs_in_llama_cpp(mini_k2, imatrix, tmp_path):
     """--bpw and --target-size on mini-K2 with calibrate's imatrix (measured sensitivity): the file is
     under the target by at most 2% (one type step of one class is coarse at this size); the
-    recipe.toml it writes makes the same bytes through --recipe; llama.cpp runs it like k2quant."""
+    recipe.toml it writes makes the same bytes through --recipe (with --method rtn, the mix's default);
+    llama.cpp runs it like k2quant."""
     src = mini_k2["fp8"]
     runner = CliRunner()
     out = tmp_path / "bpw"
     r = runner.invoke(main, ["convert", str(src), str(out), "--to", "gguf", "--bpw", "2.5", "--imatrix", str(imatrix),
-                             "--method", "rtn", "--name", "mix", "--json"])  # fmt: skip
+                             "--name", "mix", "--json"])  # fmt: skip
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output)
+    assert summary["method"] == "rtn"  # a mix's default: llama.cpp's procedures, which its plan measured
     mix = summary["mix"]
     path = next(out.glob("*.gguf"))
     ck = open_checkpoint(path)
