@@ -217,7 +217,7 @@ def train(
     first = 0
     if state_path is not None and state_path.is_file():
         saved = torch.load(state_path, weights_only=True)
-        if saved["steps"] != t["steps"] or sorted(saved["params"]) != sorted(params):
+        if saved.get("recipe") != json.dumps(t, sort_keys=True) or sorted(saved["params"]) != sorted(params):
             raise RuntimeError(f"{state_path}: saved by a different training run; remove it to start over")
         with torch.no_grad():
             for name, value in saved["params"].items():
@@ -249,8 +249,9 @@ def train(
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if state_path is not None and (step + 1) % save_every == 0 and step + 1 < t["steps"]:
             tmp = state_path.with_name(state_path.name + ".tmp")
-            torch.save({"steps": t["steps"], "step": step + 1, "params": {k: v.detach() for k, v in params.items()},
-                        "opt": opt.state_dict(), "rng": g.get_state(), "history": history}, tmp)  # fmt: skip
+            torch.save({"recipe": json.dumps(t, sort_keys=True), "step": step + 1, "opt": opt.state_dict(),
+                        "params": {k: v.detach() for k, v in params.items()}, "rng": g.get_state(),
+                        "history": history}, tmp)  # fmt: skip
             os.replace(tmp, state_path)
     if state_path is not None:
         state_path.unlink(missing_ok=True)
