@@ -171,8 +171,9 @@ def init_params(cfg: K2Config, seed: int) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def perplexity(model: K2Model, stream: torch.Tensor, seq: int, max_windows: int = 64) -> float:
-    n = min(max_windows, (len(stream) - 1) // seq)
+def perplexity(model: K2Model, stream: torch.Tensor, seq: int, max_windows: int | None = 64) -> float:
+    """exp(mean next-token NLL) over the first `max_windows` consecutive windows of `seq` tokens (all with None)."""
+    n = (len(stream) - 1) // seq if max_windows is None else min(max_windows, (len(stream) - 1) // seq)
     x = stream[: n * seq].view(n, seq)
     y = stream[1 : n * seq + 1].view(n, seq)
     nll = 0.0

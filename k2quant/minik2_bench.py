@@ -38,7 +38,7 @@ from k2quant.formats.tokenizer import load_tokenizer
 
 from . import minik2
 from .config import K2Config
-from .model import K2Model, open_model
+from .model import open_model
 
 BENCH_TRAIN = dict(minik2.TRAIN, steps=1000, batch=8, seq=256, lr=2e-3, warmup=50)
 BENCH_RECIPE_VERSION = 1
@@ -112,22 +112,10 @@ def _targets(stream: torch.Tensor, seq: int, max_windows: int | None) -> tuple[t
     return stream[: n * seq].view(n, seq), stream[1 : n * seq + 1].view(n, seq)
 
 
-@torch.no_grad()
-def perplexity(model: K2Model, stream: torch.Tensor, max_windows: int | None = None) -> float:
-    """exp(mean next-token NLL) over consecutive windows of _EVAL_SEQ tokens (minik2.perplexity's
-    measure, over all windows when max_windows is None)."""
-    x, y = _targets(stream, _EVAL_SEQ, max_windows)
-    nll = 0.0
-    for i in range(0, len(x), 16):
-        logits = model.forward(x[i : i + 16]).float()
-        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[i : i + 16].flatten(), reduction="sum").item()
-    return math.exp(nll / y.numel())
-
-
 def unigram_perplexity(train_stream: torch.Tensor, stream: torch.Tensor, vocab: int,
                        max_windows: int | None = None) -> float:  # fmt: skip
     """The perplexity of a unigram model of `train_stream` (add-one smoothing over the
-    vocabulary) on the same predicted tokens as `perplexity`."""
+    vocabulary) on the same predicted tokens as `minik2.perplexity`."""
     counts = torch.bincount(train_stream, minlength=vocab).double() + 1
     logp = (counts / counts.sum()).log()
     _, y = _targets(stream, _EVAL_SEQ, max_windows)
@@ -187,7 +175,8 @@ def build(out: str | Path | None = None, echo: Callable[[str], None] = print, pr
     ppls = []
     for name, stream, windows in _texts(tok, heldout_docs):
         ppls.append(Perplexities(name, int(_targets(stream, _EVAL_SEQ, windows)[1].numel()),
-                                 perplexity(bench_model, stream, windows), perplexity(demo_model, stream, windows),
+                                 minik2.perplexity(bench_model, stream, _EVAL_SEQ, windows),
+                                 minik2.perplexity(demo_model, stream, _EVAL_SEQ, windows),
                                  unigram_perplexity(train_stream, stream, cfg.vocab_size, windows)))  # fmt: skip
     info = {
         "recipe": recipe_hash(),
