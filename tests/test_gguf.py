@@ -30,6 +30,7 @@ from .conftest import SMALL, assert_peak_rss_independent_of_size
 from .llamacpp import (
     SETTING,
     errors_against_llama,
+    ggml_quantize_chunk,
     llama_logits,
     llama_quantize,
     llama_quantize_many,
@@ -91,6 +92,31 @@ def test_encoders_decode_bit_exactly_like_gguf_py(t, weighted):
              "IQ2_XXS": 0.5, "IQ2_XS": 0.5, "IQ2_S": 0.45, "IQ3_XXS": 0.25, "IQ3_S": 0.12,
              "IQ1_S": 0.8, "IQ1_M": 0.8}  # fmt: skip
     assert rel < bound.get(t, 0.005), rel
+
+
+@pytest.mark.parametrize("t", ["Q4_K", "Q5_K", "Q6_K"])
+def test_compiled_k_quants_write_ggml_bytes_without_search(t):
+    """kquant_kernel with search=False runs ggml-quants.c's procedure in the same float32 steps:
+    ggml_quantize_chunk's bytes (what llama-quantize writes), without and with an importance
+    vector, on rows with zeros, outliers, no negatives and a near-zero sub-block; search=True is
+    never worse than that per row, and often better."""
+    w = _weights(cols=1024)
+    w[4, 32:64] = 1e-9
+    w[5, :300] = 0
+    imp = torch.rand(1024, generator=torch.Generator().manual_seed(2)) ** 4 * 10 + 1e-3
+    for col in (None, imp):
+        theirs = ggml_quantize_chunk(ggml.TYPES[t].id, ggml.TYPES[t].row_bytes(1024), w.numpy(),
+                                     None if col is None else col.numpy())  # fmt: skip
+        ours = ggml.quantize(w, t, col, search=False).numpy()
+        assert np.array_equal(ours, theirs), f"{t} rows differing from ggml: {np.nonzero((ours != theirs).any(1))[0]}"
+        mw = torch.ones(1024) if col is None else col
+
+        def row_err(data, mw=mw):
+            return (mw * (ggml.dequantize(torch.from_numpy(data), t, 1024) - w) ** 2).sum(1)
+
+        searched, own = row_err(ggml.quantize(w, t, col).numpy()), row_err(theirs)
+        assert (searched <= own * (1 + 1e-6) + 1e-30).all()
+        assert searched.sum() < own.sum()
 
 
 def test_q8_0_is_ggml_reference_byte_for_byte():
@@ -311,7 +337,7 @@ _COMPARE = ("blk.2.ffn_down_exps.weight", "blk.1.attn_q_b.weight", "blk.0.ffn_ga
 )
 def test_quantizer_no_worse_than_llama_quantize(ggufs, tmp_path, t, weighted):
     """Same BF16 GGUF, same tensors, same importance: k2quant's error (importance-weighted when
-    there is one) is at most llama_model_quantize's, and for the i-quants `search=False` writes
+    there is one) is at most llama_model_quantize's, and for the i-quants, Q4_K, Q5_K and Q6_K `search=False` writes
     llama.cpp's bytes. The 1- and 2-bit i-quants and IQ3_XXS are made only with an importance matrix
     (llama-quantize refuses them without one for every tensor it quantizes: the others get weight 1)."""
     src = next(ggufs["bf16"].glob("*.gguf"))
@@ -339,7 +365,7 @@ def test_quantizer_no_worse_than_llama_quantize(ggufs, tmp_path, t, weighted):
         kind = "imatrix" if weighted else "plain"
         print(f"{t} {kind} {name}: k2quant / llama.cpp error = {err_ours / err_theirs:.4f}")
         assert err_ours <= err_theirs * 1.0001, (name, err_ours, err_theirs, SETTING)
-        if t.startswith("IQ"):  # the compiled i-quants run llama.cpp's procedure in the same float32 steps
+        if t.startswith("IQ") or t in ("Q4_K", "Q5_K", "Q6_K"):  # compiled: llama.cpp's steps in float32
             w = ref._decode(name).float()
             mats = w if w.dim() == 3 else w[None]
             raw = np.asarray(theirs.by_gguf[name].data).reshape(mats.shape[0], -1)

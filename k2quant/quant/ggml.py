@@ -2,9 +2,11 @@
 
 Block layouts are ggml-common.h's byte for byte, so gguf-py and llama.cpp read what
 `quantize` writes, and `dequantize` returns exactly the floats gguf-py's dequantize does
-(same float32 operations). The scale searches follow ggml-quants.c's families: the
-asymmetric min/scale fit of make_qkx2/qkx3 (Q2_K, Q4_K, Q5_K, Q5_1), the symmetric
-make_qx fit (Q3_K, Q6_K, Q4_0, Q5_0), make_qp for the super-block scales, and the
+(same float32 operations). Q4_K, Q5_K and Q6_K (the bulk of a Q4_K_M file) and the
+i-quants are compiled (kquant_kernel.py, iq*_kernel.py: llama.cpp's procedures step for step,
+then k2quant's search). The torch encoders here follow ggml-quants.c's families: the
+asymmetric min/scale fit of make_qkx2/qkx3 (Q2_K, Q5_1), the symmetric
+make_qx fit (Q3_K, Q4_0, Q5_0), make_qp for the super-block scales, and the
 importance weights llama-quantize applies (qw * sqrt(sigma2 + x^2)). llama.cpp runs one
 procedure without an imatrix (its reference path) and another with one; with
 search=True k2quant runs both and keeps, per block, the one with the lower error
@@ -23,6 +25,8 @@ from .iq1_kernel import encode_iq1
 from .iq2_kernel import encode_iq2
 from .iq3_kernel import encode_iq3
 from .iq4_kernel import IQ4_LEVELS, encode_iq4
+from .kquant_kernel import KINDS as KQUANT_KINDS
+from .kquant_kernel import encode_kquant
 
 QK_K = 256
 _TINY = 1e-15  # GROUP_MAX_EPS
@@ -298,17 +302,8 @@ def _pack2(L: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- k-quants
-def _k_scales_bytes(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
-    """Q4_K / Q5_K: eight 6-bit scales and mins in 12 bytes (get_scale_min_k4's inverse)."""
-    ls, lm = ls.to(torch.uint8), lm.to(torch.uint8)
-    lo = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
-    mid = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
-    hi = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
-    return torch.cat([lo, mid, hi], 1)
-
-
 def _asym_kquant(x, qw, search, sub, nmax, smax, ref):
-    """Q2_K / Q4_K / Q5_K: sub-blocks of `sub` weights, x ~ d*sc*L - dmin*m, L in 0..nmax, sc and m in 0..smax.
+    """Q2_K: sub-blocks of `sub` weights, x ~ d*sc*L - dmin*m, L in 0..nmax, sc and m in 0..smax.
 
     ref = (weights function, rmin, rdelta, nstep, use_mad) of llama.cpp's reference path; its
     weighted path fits with qw * sqrt(sigma2 + x^2) and make_qp for the scales."""
@@ -346,27 +341,6 @@ def _asym_kquant(x, qw, search, sub, nmax, smax, ref):
     if search:
         c = _polish(c, x, mw, requant, ("d", "dm"))
     return c
-
-
-def _q45_k(x, qw, nmax, search):
-    B = x.shape[0]
-
-    def ref_weights(xs):
-        return torch.sqrt((xs * xs).mean(2, keepdim=True)) + xs.abs()
-
-    ref = (ref_weights, -1.0, 0.1, 20, False) if nmax == 15 else (ref_weights, -0.5, 0.1, 15, False)
-    c = _asym_kquant(x, qw, search, 32, nmax, 63, ref)
-    L = c["L"].to(torch.uint8).view(B, 4, 2, 32)
-    qs = ((L[:, :, 0] & 0xF) | ((L[:, :, 1] & 0xF) << 4)).reshape(B, 128)
-    parts = [_bytes_f16(c["d"]), _bytes_f16(c["dm"]), _k_scales_bytes(c["ls"], c["lm"])]
-    if nmax == 31:
-        hb = (L >> 4).view(B, 8, 32)  # sub-block j's fifth bits go to bit j of qh[l]
-        qh = torch.zeros(B, 32, dtype=torch.uint8)
-        for j in range(8):
-            qh |= hb[:, j] << j
-        parts.append(qh)
-    parts.append(qs)
-    return torch.cat(parts, 1)
 
 
 def _q2_k(x, qw, search):
@@ -416,45 +390,6 @@ def _q3_k(x, qw, search):
         hmask |= high[:, b].to(torch.uint8) << b
     L = torch.where(L > 3, L - 4, L)
     return torch.cat([hmask, _pack2(L), sc, _bytes_f16(c["d"])], 1)
-
-
-def _q6_k(x, qw, search):
-    B = x.shape[0]
-    xs = x.view(B, 16, 16).reshape(-1, 16)
-    mw = qw if qw is not None else torch.ones_like(x)
-    weights = []
-    if qw is None or search:
-        weights.append(xs * xs)
-    if qw is not None:
-        weights.append(qw.reshape(-1, 16))
-    elif search:
-        weights.append(torch.ones_like(xs))
-
-    def requant(d, sc):
-        de = (d[:, None] * sc)[:, :, None]
-        nz = de != 0
-        xv = x.view(B, 16, 16)
-        L = torch.where(nz, torch.clamp(_rint(xv / torch.where(nz, de, torch.ones_like(de))), -32, 31), 0)
-        return {"d": d, "sc": sc, "L": L.reshape(B, QK_K), "deq": (de * L).reshape(B, QK_K)}
-
-    cands = []
-    for w in weights:
-        s, _ = _fit_sym(xs, w, 32)
-        s = s.view(B, 16)
-        ms = _signed_max(s)
-        nz = ms.abs() >= _TINY
-        isc = torch.where(nz, -128 / torch.where(nz, ms, torch.ones_like(ms)), torch.zeros_like(ms))
-        d = _fp16(torch.where(nz, 1 / torch.where(nz, isc, torch.ones_like(isc)), torch.zeros_like(isc)))
-        sc = torch.clamp(_rint(isc[:, None] * s), max=127)
-        cands.append(requant(d, sc))
-    c = _pick(cands, x, mw)
-    if search:
-        c = _polish(c, x, mw, requant, ("d",))
-    L = (c["L"] + 32).to(torch.uint8).view(B, 2, 4, 32)  # half, quarter, l
-    ql = torch.cat([(L[:, :, 0] & 0xF) | ((L[:, :, 2] & 0xF) << 4), (L[:, :, 1] & 0xF) | ((L[:, :, 3] & 0xF) << 4)], 2)
-    qh = (L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4) | ((L[:, :, 3] >> 4) << 6)
-    return torch.cat([ql.reshape(B, 128), qh.reshape(B, 64), c["sc"].to(torch.int8).view(torch.uint8),
-                      _bytes_f16(c["d"])], 1)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- 32-blocks
@@ -549,6 +484,10 @@ def quantize(
         imp = None if importance is None else importance.to(torch.float32).reshape(cols).numpy()
         return torch.from_numpy(encode_iq4(w.to(torch.float32).numpy(), imp, t.name == "IQ4_XS", search,
                                            torch.get_num_threads()))  # fmt: skip
+    if t.name in KQUANT_KINDS:  # compiled: llama.cpp's procedure, then k2quant's search (kquant_kernel.py)
+        imp = None if importance is None else importance.to(torch.float32).reshape(cols).numpy()
+        threads = torch.get_num_threads()
+        return torch.from_numpy(encode_kquant(w.to(torch.float32).numpy(), imp, t.name, search, threads))
     if t.name in (*iq_grid.CLASSES, "IQ1_M"):  # compiled: llama.cpp's lattice search, then k2quant's
         imp = None if importance is None else importance.to(torch.float32).reshape(cols).numpy()
         encode = {"IQ1": encode_iq1, "IQ2": encode_iq2, "IQ3": encode_iq3}[t.name[:3]]
@@ -571,12 +510,8 @@ def quantize(
             enc = _q_asym32(xb, qw, sigma2, 15 if t.name == "Q4_1" else 31, search)
         elif t.name == "Q2_K":
             enc = _q2_k(xb, qw, search)
-        elif t.name == "Q3_K":
-            enc = _q3_k(xb, qw, search)
-        elif t.name in ("Q4_K", "Q5_K"):
-            enc = _q45_k(xb, qw, 15 if t.name == "Q4_K" else 31, search)
         else:
-            enc = _q6_k(xb, qw, search)
+            enc = _q3_k(xb, qw, search)
         out[r0 : r0 + n] = enc.reshape(n, -1)
     return out
 

@@ -40,6 +40,7 @@ from .iq_grid import (
     sigma2_of,
     tables,
 )
+from .kquant_kernel import make_qp
 
 _EPS = np.float32(1e-15)  # GROUP_MAX_EPS
 _EPS_S = np.float32(1e-8)  # GROUP_MAX_EPS_IQ2_S
@@ -50,61 +51,6 @@ _LAYOUT = {0: (8, 4, 66), 1: (16, 2, 74), 2: (16, 2, 82)}  # blocks, groups per 
 
 
 # ---------------------------------------------------------------------------- llama.cpp's steps
-@njit(cache=True)
-def _make_qp(x, w, o, n, nmax):
-    """make_qp_quants' scale for x[o:o+n] (levels 0..nmax, weights w). The levels are kept as the
-    C code keeps them, in bytes, so a negative level reads back as 256 + level."""
-    mx = np.float32(0.0)
-    for i in range(o, o + n):
-        mx = mx if mx > x[i] else x[i]
-    if mx < _EPS:
-        return np.float32(0.0)
-    fn = np.float32(nmax)
-    iscale = fn / mx
-    L = np.empty(n, dtype=np.int64)
-    scale = np.float32(1.0) / iscale
-    best = np.float32(0.0)
-    for i in range(n):
-        L[i] = np.int64(np.rint(iscale * x[o + i])) & 0xFF
-        diff = x[o + i] - scale * np.float32(L[i])
-        best += w[o + i] * diff * diff
-    for s in range(-4, 5):
-        if s == 0:
-            continue
-        isc = (np.float32(0.1) * np.float32(s) + fn) / mx
-        sc = np.float32(1.0) / isc
-        mse = np.float32(0.0)
-        for i in range(n):
-            lv = min(nmax, np.int64(np.rint(isc * x[o + i])))
-            diff = x[o + i] - sc * np.float32(lv)
-            mse += w[o + i] * diff * diff
-        if mse < best:
-            best, iscale = mse, isc
-    slx, sl2 = np.float32(0.0), np.float32(0.0)
-    for i in range(n):
-        lv = min(nmax, np.int64(np.rint(iscale * x[o + i])))
-        L[i] = lv & 0xFF
-        slx += w[o + i] * x[o + i] * np.float32(lv)
-        sl2 += w[o + i] * np.float32(lv) * np.float32(lv)
-    for _ in range(5):
-        changed = 0
-        for i in range(n):
-            wi, xi, li = w[o + i], x[o + i], np.float32(L[i])
-            a = slx - wi * xi * li
-            b = sl2 - wi * li * li
-            if a > 0 and b > 0:
-                nl = min(nmax, np.int64(np.rint(xi * b / a)))
-                if nl != L[i]:
-                    a += wi * xi * np.float32(nl)
-                    b += wi * np.float32(nl) * np.float32(nl)
-                    if a * a * sl2 > slx * slx * b:
-                        L[i], slx, sl2 = nl & 0xFF, a, b
-                        changed += 1
-        if not changed:
-            break
-    return slx / sl2 if sl2 > 0 else np.float32(0.0)
-
-
 # ---------------------------------------------------------------------------- llama.cpp's rows
 @njit(cache=True)
 def _finish(levels, kmap, L, b, gpb, signs, gidx, ib, scale, nbits):
@@ -124,6 +70,7 @@ def _xxs_blocks(levels, kmap, offsets, nbrs, x, imp, o, w, wa, xv, L, La, gidx, 
     sigma2 = sigma2_of(x, o)
     max_scale = np.float32(0.0)
     on, on_aux = np.ones(4, dtype=np.bool_), np.ones(4, dtype=np.bool_)  # unused: every group is rounded again
+    qp_levels = np.empty(32, np.int64)
     for ib in range(8):
         b = 32 * ib
         scales[ib] = 0.0
@@ -132,7 +79,7 @@ def _xxs_blocks(levels, kmap, offsets, nbrs, x, imp, o, w, wa, xv, L, La, gidx, 
         if mx < _EPS:
             signs[ib, :] = 0
             continue
-        scale = _make_qp(xv, w, b, 32, 4)
+        scale = make_qp(xv, w, b, 32, 4, qp_levels)
         eff_max = scale * np.float32(3.0)
         if eff_max <= 0:
             signs[ib, :] = 0
