@@ -1,4 +1,4 @@
-"""Benchmark: k2quant's compiled i-quant encoders against ggml's own, on the same matrix, one thread.
+"""Benchmark: k2quant's compiled k-quant (Q4_K, Q5_K, Q6_K) and i-quant encoders against ggml's own, one thread.
 
 ggml's encoder is called in the llama.cpp library the installed llama-cpp-python built
 (ggml_quantize_chunk in libggml-base, through ctypes, with the same importance vector); k2quant's
@@ -25,7 +25,7 @@ import torch
 
 from k2quant.quant import ggml
 
-TYPES = ("IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
+TYPES = ("Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
 
 
 def _ggml_lib() -> ctypes.CDLL:

@@ -314,8 +314,10 @@ def convert_gguf(
     method "mse": both of llama.cpp's scale searches plus a scale polish, the lower error per
     block; "rtn": llama.cpp's own procedure only (faster). `imatrix` weights the searches.
     workers > 1: pieces (experts, row chunks, small tensors) are encoded in that many spawned
-    processes with one torch thread each (the encoders are many small tensor operations,
-    which threads within one process barely speed up); the bytes do not change. `extra_files`
+    processes with one thread each; the bytes do not change. The compiled encoders (k-quants,
+    i-quants) spread rows over the process's threads, so one process is as fast or faster on
+    few cores (bench/convert_gguf.py); workers help the torch-encoded types (Q2_K, Q3_K, the
+    32-blocks). `extra_files`
     (name -> text, e.g. a mix's recipe.toml) and `extra_summary` go into OUT before the manifest,
     which lists the files."""
     if method not in ("mse", "rtn"):
