@@ -35,10 +35,10 @@ from k2quant.formats.hashed import copy_file
 from k2quant.formats.hf import write_json
 from k2quant.formats.imatrix import importance, read_imatrix
 from k2quant.formats.packed import quantization_config
-from k2quant.formats.safetensors_file import DTYPE_NAMES, DTYPES, SafetensorsWriter
+from k2quant.formats.safetensors_file import DTYPE_NAMES, DTYPES, SafetensorsFile, SafetensorsWriter
 
 from .checkpoint import INDEX_FILE, Checkpoint, LogicalTensor, open_checkpoint
-from .errors import K2QuantError
+from .errors import CheckpointError, K2QuantError
 from .gptq_stream import GPTQ_MIN_TOKENS, SPOOL, SpoolReader, run_gptq_stream, spooled_fallbacks
 from .gptq_stream import module_of as _module
 from .manifest import JOURNAL, MANIFEST, SUMMARY, FileEntry, hash_file, seal
@@ -268,7 +268,7 @@ def _produce(ck: Checkpoint, t: PlannedTensor, method: str, imp: torch.Tensor | 
             yield t.name, ck.tensor(t.name).to(torch.bfloat16)
             return
         if isinstance(gptq, _HessianGPTQ) and mod not in gptq.fallbacks and scheme.kind == "int4":
-            parts = scheme.quantize(ck.tensor(t.name), hessian=gptq.hessian(mod), act_order=gptq.act_order)
+            parts = gptq.quantize(scheme, ck.tensor(t.name), mod)
         elif scheme.kind == "int4":  # the fused kernel reads the stored form; importance weights its search
             parts = scheme.quantize(ck.stored(t.name), importance=imp, search=method != "rtn")
         else:
@@ -278,15 +278,34 @@ def _produce(ck: Checkpoint, t: PlannedTensor, method: str, imp: torch.Tensor | 
 
 
 class _HessianGPTQ:
-    """GPTQ from calibrate's stored Hessians (computed here, in the shard's process)."""
+    """GPTQ from calibrate's stored Hessians (computed here, in the shard's process). The file is read
+    through k2quant's validating reader and each Hessian is checked before use (a finite float32 or
+    float64 square matrix as wide as the module's input, that GPTQ can factor): anything else is
+    refused with the file and tensor named."""
 
     def __init__(self, path: str, fallbacks: set[str], act_order: bool):
-        from safetensors import safe_open
+        self.path, self.file = str(path), SafetensorsFile(path)
+        self.keys, self.fallbacks, self.act_order = set(self.file.keys()), fallbacks, act_order
 
-        self.file, self.fallbacks, self.act_order = safe_open(path, "pt"), fallbacks, act_order
+    def hessian(self, module: str, cols: int) -> torch.Tensor:
+        name = module + ".hessian"
+        if name not in self.keys:
+            raise CheckpointError("no Hessian for this module", file=self.path, tensor=name)
+        h = self.file.load(name)
+        if h.dtype not in (torch.float32, torch.float64) or tuple(h.shape) != (cols, cols):
+            found = f"{DTYPE_NAMES.get(h.dtype, h.dtype)} {list(h.shape)}"
+            raise CheckpointError(f"expected a float32 [{cols}, {cols}] Hessian (the module's input width), found "
+                                  f"{found}", file=self.path, tensor=name)  # fmt: skip
+        if not torch.isfinite(h).all():
+            raise CheckpointError("the Hessian holds NaN or infinite values", file=self.path, tensor=name)
+        return h
 
-    def hessian(self, module: str) -> torch.Tensor:
-        return self.file.get_tensor(module + ".hessian")
+    def quantize(self, scheme: Scheme, w: torch.Tensor, module: str) -> dict[str, torch.Tensor]:
+        h = self.hessian(module, w.shape[-1])
+        try:
+            return scheme.quantize(w, hessian=h, act_order=self.act_order)
+        except ValueError as e:  # e.g. not positive definite after damping: the Hessian is not one
+            raise CheckpointError(str(e), file=self.path, tensor=module + ".hessian") from None
 
 
 def _worker_start(initializer, initargs: tuple) -> None:
@@ -409,10 +428,7 @@ def pin_imatrix(plan, imatrix: str | Path | None) -> None:
 
 def _plan_gptq(plan: Plan, hessians: Path) -> None:
     """Pin the Hessians file and decide, before any work, which INT4 modules fall back."""
-    from safetensors import safe_open
-
-    with safe_open(str(hessians), "pt") as f:
-        have = {k.removesuffix(".hessian") for k in f.keys()}
+    have = {k.removesuffix(".hessian") for k in SafetensorsFile(hessians).keys()}
     modules = [_module(t.name) for t in _int4(plan.tensors)]
     counts = read_imatrix(plan.imatrix, set(modules))[1] if plan.imatrix else {}
     plan.hessians = str(hessians.resolve())

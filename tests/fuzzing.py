@@ -334,6 +334,26 @@ def _gptq_spool() -> dict[str, bytes]:
         return {f"out/.gptq-spool/{k}": v for k, v in _dir_files(Path(tmp)).items()}
 
 
+def _hessians() -> dict[str, bytes]:
+    """calibrate --hessian's file for TINY's routed experts (X^T X of random activations), as
+    `convert --method gptq --calib calib` reads it beside the FP8 checkpoint; the last expert has none,
+    so its modules take the weighted search (as modules with too few tokens do)."""
+    import torch
+
+    from k2quant.formats.safetensors_file import write_tensors
+
+    g = torch.Generator().manual_seed(0)
+    h, moe = TINY["hidden_size"], TINY["moe_intermediate_size"]
+    tensors = {}
+    for e in range(TINY["n_routed_experts"] - 1):
+        for m, n in (("gate_proj", h), ("up_proj", h), ("down_proj", moe)):
+            x = torch.randn(4 * n, n, generator=g)
+            tensors[f"model.layers.1.mlp.experts.{e}.{m}.hessian"] = x.T @ x
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tensors(Path(tmp) / "hessians.safetensors", tensors)
+        return {"calib/hessians.safetensors": (Path(tmp) / "hessians.safetensors").read_bytes()}
+
+
 def make_bases() -> dict[str, dict[str, bytes]]:
     """Every reader's valid files, by base name (deterministic: seeded and trained the same each time)."""
     from k2quant.formats.chat import K2_CHAT_TEMPLATE
@@ -369,6 +389,7 @@ def make_bases() -> dict[str, dict[str, bytes]]:
                     "model-1-of-2.safetensors": fp8["model-1-of-2.safetensors"]},
         "calibrate-state": _calibrate_state(),
         "gptq-spool": _gptq_spool(),
+        "hessians": {**fp8, **_hessians()},
     }  # fmt: skip
 
 
@@ -548,6 +569,19 @@ def read_gptq_spool(d: Path) -> str:
     return f"{sum(p is not None for p in parts)} modules spooled, {len(spooled_fallbacks(spool))} fallbacks"
 
 
+def read_hessians(d: Path) -> str:
+    from k2quant import open_checkpoint
+    from k2quant.convert import _HessianGPTQ, _int4, _plan_gptq, _produce, plan_conversion
+    from k2quant.recipe import build_recipe
+
+    ck = open_checkpoint(d)
+    plan = plan_conversion(ck, build_recipe("k2-int4"), "gptq")
+    _plan_gptq(plan, d / "calib" / "hessians.safetensors")
+    gptq = _HessianGPTQ(plan.hessians, set(plan.gptq_fallbacks), False)
+    parts = sum(1 for t in _int4(plan.tensors) for _ in _produce(ck, t, "gptq", None, gptq))
+    return f"{parts} parts, {len(plan.gptq_fallbacks)} modules without a Hessian"
+
+
 @dataclass(frozen=True)
 class Reader:
     name: str
@@ -604,6 +638,8 @@ READERS = {r.name: r for r in [
            {"out/.gptq-spool/layer-001.safetensors": "safetensors", "out/.gptq-spool/layer-001.fallbacks.json": "json"},
            read_gptq_spool, "the layer-streamed GPTQ's spool: gptq_stream._complete, SpoolReader, spooled_fallbacks",
            "out"),
+    Reader("hessians", "hessians", {"calib/hessians.safetensors": "safetensors"}, read_hessians,
+           "calibrate --hessian's hessians.safetensors: convert --method gptq's plan and GPTQ of every INT4 module"),
 ]}  # fmt: skip
 
 
