@@ -1,17 +1,18 @@
-"""llama.cpp's tensor types (GGML): encoders and decoders, vectorized in torch.
+"""llama.cpp's tensor types (GGML): encoders and decoders.
 
 Block layouts are ggml-common.h's byte for byte, so gguf-py and llama.cpp read what
-`quantize` writes, and `dequantize` returns exactly the floats gguf-py's dequantize does
-(same float32 operations). Q4_K, Q5_K and Q6_K (the bulk of a Q4_K_M file) and the
-i-quants are compiled (kquant_kernel.py, iq*_kernel.py: llama.cpp's procedures step for step,
-then k2quant's search). The torch encoders here follow ggml-quants.c's families: the
-asymmetric min/scale fit of make_qkx2/qkx3 (Q2_K, Q5_1), the symmetric
-make_qx fit (Q3_K, Q4_0, Q5_0), make_qp for the super-block scales, and the
-importance weights llama-quantize applies (qw * sqrt(sigma2 + x^2)). llama.cpp runs one
-procedure without an imatrix (its reference path) and another with one; with
-search=True k2quant runs both and keeps, per block, the one with the lower error
-(weighted by the importance when there is one), so it is not worse than either.
-Everything is requantized against the stored fp16 scales, as llama.cpp's k-quants do.
+`quantize` writes, and `dequantize` (torch) returns exactly the floats gguf-py's dequantize
+does (same float32 operations). The k-quants (Q2_K..Q6_K) and the i-quants are encoded by
+compiled kernels (kquant_kernel.py, iq*_kernel.py): llama.cpp's procedures step for step in
+float32, so search=False is llama-quantize's bytes, then k2quant's search. The 32-weight
+blocks (Q4_0, Q5_0, Q4_1, Q5_1, Q8_0: row fallbacks and the q4_0 preset) are vectorized torch
+here, following ggml-quants.c: the symmetric make_qx fit (Q4_0, Q5_0), the asymmetric
+min/scale fit of make_qkx3 (Q4_1, Q5_1) and the importance weights llama-quantize applies
+(qw * sqrt(sigma2 + x^2)). llama.cpp runs one procedure without an imatrix (its reference
+path) and another with one; with search=True k2quant runs both and keeps, per block, the one
+with the lower error (weighted by the importance when there is one), then tries the scales
+nudged, so it is not worse than either. Everything is requantized against the stored fp16
+scales, as llama.cpp does.
 """
 
 from __future__ import annotations
@@ -192,69 +193,6 @@ def _fit_sym(x, w, nmax):
     return scale, Lk
 
 
-def _descend(x, w, L, lo, hi, need_sl2):
-    """Five passes of ggml's coordinate descent: move one L at a time to its best level given the
-    others, keeping the move when it raises sum(wxL)^2 / sum(wL^2). Returns the least-squares scale."""
-    sumlx = (w * x * L).sum(1)
-    suml2 = (w * L * L).sum(1)
-    for _ in range(5):
-        changed = False
-        for i in range(x.shape[1]):
-            w_i, x_i, l_i = w[:, i], x[:, i], L[:, i]
-            slx = sumlx - w_i * x_i * l_i
-            sl2 = suml2 - w_i * l_i * l_i
-            ok = (slx > 0) & (sl2 > 0) if need_sl2 else slx > 0
-            new_l = torch.clamp(_rint(x_i * sl2 / torch.where(ok, slx, torch.ones_like(slx))), lo, hi)
-            slx2 = slx + w_i * x_i * new_l
-            sl22 = sl2 + w_i * new_l * new_l
-            accept = ok & (new_l != l_i) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            if accept.any():
-                changed = True
-                L[:, i] = torch.where(accept, new_l, l_i)
-                sumlx = torch.where(accept, slx2, sumlx)
-                suml2 = torch.where(accept, sl22, suml2)
-        if not changed:
-            break
-    ok = suml2 > 0
-    return torch.where(ok, sumlx / torch.where(ok, suml2, torch.ones_like(suml2)), torch.zeros_like(sumlx))
-
-
-def _fit_q3(x, nmax):
-    """make_q3_quants with rmse: x^2-weighted grid through the largest |x|, then coordinate descent."""
-    amax, idx = x.abs().max(1)
-    mx = x.gather(1, idx[:, None]).squeeze(1)
-    zero = amax < _TINY
-    iscale = -nmax / torch.where(zero, torch.ones_like(mx), mx)
-    L = torch.clamp(_rint(iscale[:, None] * x), -nmax, nmax - 1)
-    scale = _descend(x, x * x, L, -nmax, nmax - 1, need_sl2=False)
-    return torch.where(zero, torch.zeros_like(scale), scale)
-
-
-def _fit_scales(v, sw, nmax):
-    """Quantize non-negative sub-block scales v (B, n) to 0..nmax with weights sw (make_qp_quants):
-    the best of 9 grids, then coordinate descent on each L. Returns (d, L)."""
-    mx = v.amax(1)
-    zero = mx < _TINY
-    mx = torch.where(zero, torch.ones_like(mx), mx)
-    factors = torch.tensor([float(nmax)] + [nmax + 0.1 * i for i in range(-4, 5) if i])
-    iscale = factors[None, :] / mx[:, None]
-    L = torch.clamp(_rint(iscale[:, :, None] * v[:, None, :]), max=nmax)
-    diff = v[:, None, :] - L / iscale[:, :, None]
-    mse = (sw[:, None, :] * diff * diff).sum(2)
-    k = mse.argmin(1, keepdim=True)
-    L = torch.clamp(_rint(iscale.gather(1, k) * v), max=nmax)
-    d = _descend(v, sw, L, -(2**31), nmax, need_sl2=True)
-    d = torch.where(zero, torch.zeros_like(d), d)
-    return d, torch.where(zero[:, None], torch.zeros_like(L), L)
-
-
-def _max_scales(v, nmax):
-    """Reference path: scales over the largest one, (d, L in 0..nmax)."""
-    mx = v.amax(1)
-    inv = torch.where(mx > 0, nmax / torch.where(mx > 0, mx, torch.ones_like(mx)), torch.zeros_like(mx))
-    return mx / nmax, torch.clamp(_rint(inv[:, None] * v), 0, nmax)
-
-
 def _signed_max(v):
     """The element of each row with the largest magnitude (sign kept)."""
     idx = v.abs().argmax(1, keepdim=True)
@@ -292,104 +230,6 @@ def _polish(c, x, mw, requant, keys):
 
 def _bytes_f16(v: torch.Tensor) -> torch.Tensor:
     return v.to(torch.float16).reshape(-1, 1).view(torch.uint8)
-
-
-def _pack2(L: torch.Tensor) -> torch.Tensor:
-    """Four 2-bit values per byte: for each 128-weight half, byte l holds l, l+32, l+64, l+96."""
-    B = L.shape[0]
-    L = L.to(torch.uint8).view(B, -1, 4, 32)
-    return (L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)).reshape(B, -1)
-
-
-# ---------------------------------------------------------------------------- k-quants
-def _asym_kquant(x, qw, search, sub, nmax, smax, ref):
-    """Q2_K: sub-blocks of `sub` weights, x ~ d*sc*L - dmin*m, L in 0..nmax, sc and m in 0..smax.
-
-    ref = (weights function, rmin, rdelta, nstep, use_mad) of llama.cpp's reference path; its
-    weighted path fits with qw * sqrt(sigma2 + x^2) and make_qp for the scales."""
-    B = x.shape[0]
-    n = QK_K // sub
-    xs = x.view(B, n, sub)
-    mw = qw if qw is not None else torch.ones_like(x)
-    fits = []
-    if qw is None or search:  # llama.cpp's reference path
-        weights, rmin, rdelta, nstep, use_mad = ref
-        s, m = _fit_asym(xs.reshape(-1, sub), weights(xs).reshape(-1, sub), nmax, rmin, rdelta, nstep, use_mad)
-        d, ls = _max_scales(s.view(B, n), smax)
-        dm, lm = _max_scales(m.view(B, n), smax)
-        fits.append((d, dm, ls, lm))
-    if qw is not None or search:  # llama.cpp's weighted path (Q2_K's sigma2 has no factor 2)
-        sigma2 = (1 if nmax == 3 else 2) * (x * x).sum(1, keepdim=True) / QK_K
-        if qw is not None:
-            w = qw * torch.sqrt(sigma2 + x * x)
-        else:
-            w = torch.sqrt(sigma2 + x * x) if nmax == 3 else torch.sqrt(sigma2) + x.abs()
-        s, m = _fit_asym(xs.reshape(-1, sub), w.reshape(-1, sub), nmax, -0.9, 0.05, 36)
-        sw = w.view(B, n, sub).sum(2)
-        d, ls = _fit_scales(s.view(B, n), sw, smax)
-        dm, lm = _fit_scales(m.view(B, n), sw, smax)
-        fits.append((d, dm, ls, lm))
-
-    def requant(d, dm, ls, lm):
-        de = (d[:, None] * ls)[:, :, None]
-        me = (dm[:, None] * lm)[:, :, None]
-        nz = de != 0
-        L = torch.where(nz, torch.clamp(_rint((xs + me) / torch.where(nz, de, torch.ones_like(de))), 0, nmax), 0)
-        return {"d": d, "dm": dm, "ls": ls, "lm": lm, "L": L.reshape(B, QK_K), "deq": (de * L - me).reshape(B, QK_K)}
-
-    c = _pick([requant(_fp16(d), _fp16(dm), ls, lm) for d, dm, ls, lm in fits], x, mw)
-    if search:
-        c = _polish(c, x, mw, requant, ("d", "dm"))
-    return c
-
-
-def _q2_k(x, qw, search):
-    c = _asym_kquant(x, qw, search, 16, 3, 15, (torch.abs, -0.5, 0.1, 15, True))
-    sc = c["ls"].to(torch.uint8) | (c["lm"].to(torch.uint8) << 4)
-    return torch.cat([sc, _pack2(c["L"]), _bytes_f16(c["d"]), _bytes_f16(c["dm"])], 1)
-
-
-def _q3_k(x, qw, search):
-    B = x.shape[0]
-    xs = x.view(B, 16, 16)
-    mw = qw if qw is not None else torch.ones_like(x)
-    fits = []
-    if qw is None or search:  # reference: x^2-weighted fits, scales over the largest
-        s = _fit_q3(xs.reshape(-1, 16), 4).view(B, 16)
-        ms = _signed_max(s)
-        nz = ms != 0
-        isc = torch.where(nz, -32 / torch.where(nz, ms, torch.ones_like(ms)), torch.zeros_like(ms))
-        ls = torch.clamp(_rint(isc[:, None] * s), -32, 31)
-        fits.append((torch.where(nz, 1 / torch.where(nz, isc, torch.ones_like(isc)), torch.zeros_like(isc)), ls))
-    if qw is not None or search:
-        sigma2 = 2 * (x * x).sum(1, keepdim=True) / QK_K
-        w = qw * torch.sqrt(sigma2 + x * x) if qw is not None else x * x
-        s, _ = _fit_sym(xs.reshape(-1, 16), w.reshape(-1, 16), 4)
-        d, ls = _fit_sym(s.view(B, 16), w.view(B, 16, 16).sum(2), 32)
-        fits.append((d, ls))
-
-    def requant(d, ls):
-        de = (d[:, None] * ls)[:, :, None]
-        nz = de != 0
-        L = torch.where(nz, torch.clamp(_rint(xs / torch.where(nz, de, torch.ones_like(de))), -4, 3), 0)
-        return {"d": d, "ls": ls, "L": L.reshape(B, QK_K), "deq": (de * L).reshape(B, QK_K)}
-
-    c = _pick([requant(_fp16(d), ls) for d, ls in fits], x, mw)
-    if search:
-        c = _polish(c, x, mw, requant, ("d",))
-    Ls = (c["ls"] + 32).to(torch.uint8)
-    sc = torch.zeros(B, 12, dtype=torch.uint8)
-    sc[:, :8] = (Ls[:, :8] & 0xF) | ((Ls[:, 8:] & 0xF) << 4)
-    hi = Ls >> 4
-    for j in range(16):
-        sc[:, 8 + j % 4] |= hi[:, j] << (2 * (j // 4))
-    L = (c["L"] + 4).to(torch.uint8)
-    high = (L > 3).view(B, 8, 32)  # element j: hmask byte j % 32, bit j // 32
-    hmask = torch.zeros(B, 32, dtype=torch.uint8)
-    for b in range(8):
-        hmask |= high[:, b].to(torch.uint8) << b
-    L = torch.where(L > 3, L - 4, L)
-    return torch.cat([hmask, _pack2(L), sc, _bytes_f16(c["d"])], 1)
 
 
 # ---------------------------------------------------------------------------- 32-blocks
@@ -506,12 +346,8 @@ def quantize(
             enc = _q8_0(xb)
         elif t.name in ("Q4_0", "Q5_0"):
             enc = _q_sym32(xb, qw, sigma2, 8 if t.name == "Q4_0" else 16, search)
-        elif t.name in ("Q4_1", "Q5_1"):
-            enc = _q_asym32(xb, qw, sigma2, 15 if t.name == "Q4_1" else 31, search)
-        elif t.name == "Q2_K":
-            enc = _q2_k(xb, qw, search)
         else:
-            enc = _q3_k(xb, qw, search)
+            enc = _q_asym32(xb, qw, sigma2, 15 if t.name == "Q4_1" else 31, search)
         out[r0 : r0 + n] = enc.reshape(n, -1)
     return out
 

@@ -1,25 +1,31 @@
-"""Q4_K, Q5_K and Q6_K encoders, compiled (numba): llama.cpp's procedures in float32, then k2quant's search.
+"""The k-quant encoders (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), compiled (numba): llama.cpp's procedures in
+float32, then k2quant's search.
 
-The three k-quants of llama.cpp's Q4_K_M / Q5_K_M / Q6_K files store a super-block of 256 weights
-as an fp16 scale (and, for Q4_K / Q5_K, an fp16 min) times a small integer multiple per sub-block
-(eight 6-bit scales and mins per 32 weights; Q6_K sixteen 8-bit scales per 16) times the weights'
-levels (0..15, 0..31, or -32..31).
+A k-quant stores a super-block of 256 weights as an fp16 scale (and, for the asymmetric Q2_K /
+Q4_K / Q5_K, an fp16 min) times a small integer multiple per sub-block (Q4_K / Q5_K: eight 6-bit
+scales and mins per 32 weights; Q2_K: sixteen 4-bit pairs per 16; Q3_K: sixteen 6-bit signed
+scales; Q6_K: sixteen 8-bit signed scales) times the weights' levels.
 
 `search=False` is ggml-quants.c's own procedure for the case, step for step in float32 in the C
 code's order, so it writes llama-quantize's bytes:
-- without an importance matrix, quantize_row_q{4,5}_K_ref (each sub-block fitted by
-  make_qkx2_quants under the weights mean|x| + |x|, then the scales over the largest) and
-  quantize_row_q6_K_ref (make_qx_quants weighted by x^2);
-- with one, quantize_row_q{4,5}_K_impl (imatrix * sqrt(sigma2 + x^2), make_qkx3_quants, the
-  sub-block scales and mins by make_qp_quants) and quantize_row_q6_K_impl (make_qx_quants
-  weighted by the imatrix).
+- without an importance matrix the _ref procedures: Q4_K / Q5_K fit each sub-block with
+  make_qkx2_quants under the weights mean|x| + |x| (Q2_K: |x| and absolute error), then take the
+  multiples over the largest; Q3_K runs make_q3_quants (x^2 weights, coordinate descent), Q6_K
+  make_qx_quants weighted by x^2;
+- with one the _impl procedures: imatrix * sqrt(sigma2 + x^2) weights, make_qkx3_quants and
+  make_qp_quants for the multiples (Q2_K, Q4_K, Q5_K), make_qx_quants per sub-block and over the
+  scales (Q3_K), make_qx_quants weighted by the imatrix (Q6_K).
 
-`search=True` (convert's `--method mse`) runs both of llama.cpp's procedures, keeps per super-block
-the one whose values, as they decode, have the lower error (weighted by the importance when there
-is one), then tries the fp16 scale (and min) nudged by +-0.5% and +-1%, requantizing the levels
-against each: the same candidates as the torch encoders this module replaces, so never worse than
-llama.cpp's own result on any super-block. Rows run in parallel (numba prange); each row's bytes
-depend only on that row, so the output is the same for every thread count and run.
+`search=True` (convert's `--method mse`) runs both of llama.cpp's procedures (the _impl one with its
+no-imatrix weights when there is none), keeps per super-block the one whose values, as they decode,
+have the lower error (weighted by the importance when there is one), then tries the fp16 scale
+(and min) nudged by +-0.5% and +-1%, and each sub-block's multiples one step either way, requantizing
+the levels against each: never worse than llama.cpp's own result on any super-block.
+
+The work is laid out one sub-block per SIMD lane: each row is transposed so that the inner loops run
+across its sub-blocks while every sub-block's sums are still added in the C code's order. Rows run
+in parallel (numba prange); each row's bytes depend only on that row, so the output is the same for
+every thread count and run.
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ from numba import njit, prange
 
 from .iq4_kernel import _f16_bits, _round16
 
-KINDS = {"Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
-BYTES = {4: 144, 5: 176, 6: 210}
+KINDS = {"Q2_K": 2, "Q3_K": 3, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}
+BYTES = {2: 84, 3: 110, 4: 144, 5: 176, 6: 210}
 _NUDGE = np.array([0.99, 0.995, 1.005, 1.01], dtype=np.float32)
 _EPS = np.float32(1e-15)  # GROUP_MAX_EPS
 _ZERO, _ONE = np.float32(0.0), np.float32(1.0)
@@ -113,11 +119,29 @@ def _transpose(x, n, xt):
             xt[i, k] = x[n * k + i]
 
 
+@njit(cache=True)
+def _lanes(x, n, impt, has_imp):
+    """A row's work arrays in the lane layout (sub-blocks of n): the weights transposed, fit weights,
+    the importance (ones without one), levels, candidate levels, scratch levels."""
+    K = x.shape[0] // n
+    xt = np.empty((n, K), np.float32)
+    _transpose(x, n, xt)
+    mwt = impt if has_imp else np.ones((n, K), np.float32)
+    return (
+        xt,
+        np.empty((n, K), np.float32),
+        mwt,
+        np.zeros((n, K), np.float32),
+        np.zeros((n, K), np.float32),
+        np.empty((n, K), np.float32),
+    )
+
+
 @njit(cache=True, error_model="numpy")
-def _make_qkx(xt, wt, nmax, rmin, rdelta, nstep, L, Laux, scale, the_min):
+def _make_qkx(xt, wt, nmax, rmin, rdelta, nstep, use_mad, L, Laux, scale, the_min):
     """make_qkx2_quants / make_qkx3_quants (the same steps given the weights) of every sub-block:
-    x ~ scale * L - the_min, L in 0..nmax. As in the C code, an accepted step moves the min that
-    the later steps stretch their grids from."""
+    x ~ scale * L - the_min, L in 0..nmax, errors squared or absolute (use_mad). As in the C code, an
+    accepted step moves the min that the later steps stretch their grids from."""
     n, K = xt.shape
     fn = np.float32(nmax)
     mn, mx, sum_w = xt[0].copy(), xt[0].copy(), wt[0].copy()
@@ -143,7 +167,7 @@ def _make_qkx(xt, wt, nmax, rmin, rdelta, nstep, L, Laux, scale, the_min):
             lv = min(fn, max(_ZERO, np.rint(iscale[k] * (xi[k] - mn[k]))))
             Li[k] = lv
             diff = scale[k] * lv + mn[k] - xi[k]
-            best[k] += wi[k] * (diff * diff)
+            best[k] += wi[k] * (abs(diff) if use_mad else diff * diff)
     s_l, s_l2, s_xl = np.empty(K, np.float32), np.empty(K, np.float32), np.empty(K, np.float32)
     ts, tm, cur = np.empty(K, np.float32), np.empty(K, np.float32), np.empty(K, np.float32)
     take = np.empty(K, np.bool_)
@@ -173,7 +197,7 @@ def _make_qkx(xt, wt, nmax, rmin, rdelta, nstep, L, Laux, scale, the_min):
             xi, wi, Ai = xt[i], wt[i], Laux[i]
             for k in range(K):
                 diff = ts[k] * Ai[k] + tm[k] - xi[k]
-                cur[k] += wi[k] * (diff * diff)
+                cur[k] += wi[k] * (abs(diff) if use_mad else diff * diff)
         for k in range(K):
             take[k] = take[k] and cur[k] < best[k]
             best[k] = cur[k] if take[k] else best[k]
@@ -334,7 +358,7 @@ def _asym_ref(xt, nmax, wt, L, Laux, d, dmin, sc12):
             wi[k] = av_x[k] + abs(xi[k])
     scales, mins = np.empty(K, np.float32), np.empty(K, np.float32)
     rmin, nstep = (np.float32(-1.0), 20) if nmax == 15 else (np.float32(-0.5), 15)
-    _make_qkx(xt, wt, nmax, rmin, _TENTH, nstep, L, Laux, scales, mins)
+    _make_qkx(xt, wt, nmax, rmin, _TENTH, nstep, False, L, Laux, scales, mins)
     ls, lm = np.empty(8, np.int64), np.empty(8, np.int64)
     for b in range(K // 8):
         max_scale, max_min = _ZERO, _ZERO
@@ -374,7 +398,7 @@ def _asym_impl(x, xt, impt, has_imp, nmax, wt, L, Laux, d, dmin, sc12):
         for k in range(K):
             sw[k] += wi[k]
     scales, mins = np.empty(K, np.float32), np.empty(K, np.float32)
-    _make_qkx(xt, wt, nmax, np.float32(-0.9), np.float32(0.05), 36, L, Laux, scales, mins)
+    _make_qkx(xt, wt, nmax, np.float32(-0.9), np.float32(0.05), 36, False, L, Laux, scales, mins)
     ls, lm = np.empty(8, np.int64), np.empty(8, np.int64)
     for b in range(K // 8):
         db = make_qp(scales, sw, 8 * b, 8, 63, ls)
@@ -390,10 +414,7 @@ def _asym_impl(x, xt, impt, has_imp, nmax, wt, L, Laux, d, dmin, sc12):
 def _asym_row(nudge, nmax, x, impt, has_imp, search, out):
     cols = x.shape[0]
     K, S = cols // 32, cols // 256
-    xt, wt = np.empty((32, K), np.float32), np.empty((32, K), np.float32)
-    _transpose(x, 32, xt)
-    mwt = impt if has_imp else np.ones((32, K), np.float32)
-    L, T, Laux = np.zeros((32, K), np.float32), np.zeros((32, K), np.float32), np.empty((32, K), np.float32)
+    xt, wt, mwt, L, T, Laux = _lanes(x, 32, impt, has_imp)
     d, dmin = np.zeros(S, np.float32), np.zeros(S, np.float32)
     td, tdmin = np.zeros(S, np.float32), np.zeros(S, np.float32)
     sc12, t12 = np.zeros((S, 12), np.int64), np.zeros((S, 12), np.int64)
@@ -418,22 +439,13 @@ def _asym_row(nudge, nmax, x, impt, has_imp, search, out):
                 best[b], d[b], dmin[b] = cand[b], td[b], tdmin[b]
                 sc12[b] = t12[b]
                 L[:, 8 * b : 8 * b + 8] = T[:, 8 * b : 8 * b + 8]
-    if search:  # the stored scale, then the stored min, nudged; the levels requantized to each
-        for key in range(2):
-            for q in range(4):
-                for b in range(S):
-                    td[b] = _round16(d[b] * nudge[q]) if key == 0 else d[b]
-                    tdmin[b] = _round16(dmin[b] * nudge[q]) if key == 1 else dmin[b]
-                T[:] = L
-                _asym_decoded(td, tdmin, sc12, dj, mj)
-                _asym_levels(xt, nmax, dj, mj, T)
-                _lane_errors(xt, mwt, dj, mj, _ZERO, T, err)
-                _block_sums(err, 8, cand)
-                for b in range(S):
-                    if cand[b] < best[b]:
-                        best[b], d[b], dmin[b] = cand[b], td[b], tdmin[b]
-                        L[:, 8 * b : 8 * b + 8] = T[:, 8 * b : 8 * b + 8]
-        _asym_multiples(xt, mwt, nmax, d, dmin, sc12, L, T)
+    if search:
+        ls, lm = np.empty(K, np.int64), np.empty(K, np.int64)
+        for k in range(K):
+            ls[k], lm[k] = _scale_min(sc12[k // 8], k % 8)
+        _asym_search(xt, mwt, nudge, nmax, 8, 63, d, dmin, ls, lm, best, L, T)
+        for b in range(S):
+            _pack_scales(ls[8 * b : 8 * b + 8], lm[8 * b : 8 * b + 8], sc12[b])
     nbytes = 144 if nmax == 15 else 176
     for b in range(S):
         o = b * nbytes
@@ -468,42 +480,237 @@ def _keep_better(err, best, T, L):
     return better
 
 
+@njit(cache=True, error_model="numpy")
+def _lane_decoded(d, dmin, ls, lm, per, dj, mj):
+    """Every sub-block's decoded scale and min from its multiples, `per` sub-blocks per super-block."""
+    for k in range(dj.shape[0]):
+        dj[k] = d[k // per] * np.float32(ls[k])
+        mj[k] = dmin[k // per] * np.float32(lm[k])
+
+
 @njit(cache=True)
-def _asym_multiples(xt, mwt, nmax, d, dmin, sc12, L, T):
-    """k2quant's last step: each sub-block's scale and min multiples one step either way (each
-    sub-block decodes independently of the others under the stored d and dmin), the levels
-    requantized to each; kept where the sub-block's error drops."""
-    K = xt.shape[1]
-    ls, lm, nls, nlm = np.empty(K, np.int64), np.empty(K, np.int64), np.empty(K, np.int64), np.empty(K, np.int64)
-    for k in range(K):
-        ls[k], lm[k] = _scale_min(sc12[k // 8], k % 8)
-    nls[:], nlm[:] = ls, lm
-    dj, mj, err, best = np.empty(K, np.float32), np.empty(K, np.float32), np.empty(K, np.float64), np.empty(K)
-    _asym_decoded(d, dmin, sc12, dj, mj)
-    _lane_errors(xt, mwt, dj, mj, _ZERO, L, best)
+def _asym_search(xt, mwt, nudge, nmax, per, lmax, d, dmin, ls, lm, best, L, T):
+    """k2quant's search for the asymmetric types, after llama.cpp's fits: the fp16 scale, then the
+    fp16 min, nudged by +-0.5% / +-1% (kept per super-block where its error drops); then each
+    sub-block's scale and min multiples (0..lmax) one step either way, each sub-block decoding
+    independently of the others under the stored d and dmin (kept per sub-block). The levels are
+    requantized to every candidate."""
+    K, S = xt.shape[1], d.shape[0]
+    dj, mj, err = np.empty(K, np.float32), np.empty(K, np.float32), np.empty(K)
+    td, tdmin, cand = np.empty(S, np.float32), np.empty(S, np.float32), np.empty(S)
+    for key in range(2):
+        for n in range(4):
+            for b in range(S):
+                td[b] = _round16(d[b] * nudge[n]) if key == 0 else d[b]
+                tdmin[b] = _round16(dmin[b] * nudge[n]) if key == 1 else dmin[b]
+            T[:] = L
+            _lane_decoded(td, tdmin, ls, lm, per, dj, mj)
+            _asym_levels(xt, nmax, dj, mj, T)
+            _lane_errors(xt, mwt, dj, mj, _ZERO, T, err)
+            _block_sums(err, per, cand)
+            for b in range(S):
+                if cand[b] < best[b]:
+                    best[b], d[b], dmin[b] = cand[b], td[b], tdmin[b]
+                    L[:, per * b : per * b + per] = T[:, per * b : per * b + per]
+    lane_best, bls, blm = np.empty(K), ls.copy(), lm.copy()
+    _lane_decoded(d, dmin, ls, lm, per, dj, mj)
+    _lane_errors(xt, mwt, dj, mj, _ZERO, L, lane_best)
     for a in range(-1, 2):
         for c in range(-1, 2):
             if a == 0 and c == 0:
                 continue
             for k in range(K):
-                dj[k] = d[k // 8] * np.float32(min(63, max(0, ls[k] + a)))
-                mj[k] = dmin[k // 8] * np.float32(min(63, max(0, lm[k] + c)))
+                dj[k] = d[k // per] * np.float32(min(lmax, max(0, bls[k] + a)))
+                mj[k] = dmin[k // per] * np.float32(min(lmax, max(0, blm[k] + c)))
             T[:] = L
             _asym_levels(xt, nmax, dj, mj, T)
             _lane_errors(xt, mwt, dj, mj, _ZERO, T, err)
-            better = _keep_better(err, best, T, L)
+            better = _keep_better(err, lane_best, T, L)
             for k in range(K):
                 if better[k]:
-                    nls[k], nlm[k] = min(63, max(0, ls[k] + a)), min(63, max(0, lm[k] + c))
-    for b in range(K // 8):
-        _pack_scales(nls[8 * b : 8 * b + 8], nlm[8 * b : 8 * b + 8], sc12[b])
+                    ls[k], lm[k] = min(lmax, max(0, bls[k] + a)), min(lmax, max(0, blm[k] + c))
 
 
-# ---------------------------------------------------------------------------- Q6_K
+# ---------------------------------------------------------------------------- Q2_K
 @njit(cache=True)
-def _q6_fit(xt, wt, has_w, L, d, sc):
+def _q2_ref(xt, wt, L, Laux, d, dmin, sb):
+    """quantize_row_q2_K_ref's fit: make_qkx2_quants (|x| weights, absolute error) per sub-block of
+    16, the 4-bit multiples over the largest; levels into L, each sub-block's scale byte
+    (scale | min << 4) into sb, d / dmin (fp16)."""
+    n, K = xt.shape
+    for i in range(n):
+        xi, wi = xt[i], wt[i]
+        for k in range(K):
+            wi[k] = abs(xi[k])
+    scales, mins = np.empty(K, np.float32), np.empty(K, np.float32)
+    _make_qkx(xt, wt, 3, np.float32(-0.5), _TENTH, 15, True, L, Laux, scales, mins)
+    fifteen = np.float32(15.0)
+    for b in range(K // 16):
+        max_scale, max_min = _ZERO, _ZERO
+        for j in range(16):
+            if scales[16 * b + j] > max_scale:
+                max_scale = scales[16 * b + j]
+            if mins[16 * b + j] > max_min:
+                max_min = mins[16 * b + j]
+        d[b], dmin[b] = _ZERO, _ZERO
+        for j in range(16):
+            sb[16 * b + j] = 0
+        if max_scale > 0:
+            isc = fifteen / max_scale
+            for j in range(16):
+                sb[16 * b + j] = _nearest(isc * scales[16 * b + j]) & 0xFF
+            d[b] = _round16(max_scale / fifteen)
+        if max_min > 0:
+            isc = fifteen / max_min
+            for j in range(16):
+                sb[16 * b + j] = (sb[16 * b + j] | (_nearest(isc * mins[16 * b + j]) << 4)) & 0xFF
+            dmin[b] = _round16(max_min / fifteen)
+
+
+@njit(cache=True)
+def _q2_impl(x, xt, impt, has_imp, wt, L, Laux, d, dmin, sb):
+    """quantize_row_q2_K_impl's fit (sqrt(sigma2 + x^2) weights when there is no imatrix):
+    make_qkx3_quants per sub-block, make_qp_quants over each super-block's scales and mins."""
+    n, K = xt.shape
+    S = K // 16
+    sigma2 = np.empty(S, np.float32)
+    for b in range(S):  # summed in the row's order, as the C code does (no factor 2 for Q2_K)
+        s = _ZERO
+        for i in range(256 * b, 256 * b + 256):
+            s += x[i] * x[i]
+        sigma2[b] = s / np.float32(256.0)
+    for i in range(n):
+        xi, wi, qi = xt[i], wt[i], impt[i]
+        for k in range(K):
+            root = np.sqrt(sigma2[k // 16] + xi[k] * xi[k])
+            wi[k] = qi[k] * root if has_imp else root
+    sw = np.zeros(K, np.float32)
+    for i in range(n):
+        wi = wt[i]
+        for k in range(K):
+            sw[k] += wi[k]
+    scales, mins = np.empty(K, np.float32), np.empty(K, np.float32)
+    _make_qkx(xt, wt, 3, np.float32(-0.9), np.float32(0.05), 36, False, L, Laux, scales, mins)
+    Ls, Lm = np.empty(16, np.int64), np.empty(16, np.int64)
+    for b in range(S):
+        d[b] = _round16(make_qp(scales, sw, 16 * b, 16, 15, Ls))
+        dmin[b] = _round16(make_qp(mins, sw, 16 * b, 16, 15, Lm))
+        for j in range(16):
+            sb[16 * b + j] = (Ls[j] | (Lm[j] << 4)) & 0xFF
+
+
+@njit(cache=True)
+def _q2_row(nudge, x, impt, has_imp, search, out):
+    cols = x.shape[0]
+    K, S = cols // 16, cols // 256
+    xt, wt, mwt, L, T, Laux = _lanes(x, 16, impt, has_imp)
+    d, dmin = np.zeros(S, np.float32), np.zeros(S, np.float32)
+    td, tdmin = np.zeros(S, np.float32), np.zeros(S, np.float32)
+    sb, tsb = np.zeros(K, np.int64), np.zeros(K, np.int64)
+    dj, mj, err = np.empty(K, np.float32), np.empty(K, np.float32), np.empty(K, np.float64)
+    best, cand = np.zeros(S, np.float64), np.zeros(S, np.float64)
+    ls, lm = np.empty(K, np.int64), np.empty(K, np.int64)
+    for fit in range(2):  # 0: the reference fit, 1: the weighted one
+        if not search and fit != (1 if has_imp else 0):
+            continue
+        if fit == 0:
+            _q2_ref(xt, wt, T, Laux, td, tdmin, tsb)
+        else:
+            _q2_impl(x, xt, impt, has_imp, wt, T, Laux, td, tdmin, tsb)
+        for k in range(K):
+            ls[k], lm[k] = tsb[k] & 0xF, tsb[k] >> 4
+        _lane_decoded(td, tdmin, ls, lm, 16, dj, mj)
+        _asym_levels(xt, 3, dj, mj, T)
+        if search:
+            _lane_errors(xt, mwt, dj, mj, _ZERO, T, err)
+            _block_sums(err, 16, cand)
+        for b in range(S):
+            if not search or fit == 0 or cand[b] < best[b]:
+                best[b], d[b], dmin[b] = cand[b], td[b], tdmin[b]
+                sb[16 * b : 16 * b + 16] = tsb[16 * b : 16 * b + 16]
+                L[:, 16 * b : 16 * b + 16] = T[:, 16 * b : 16 * b + 16]
+    if search:
+        for k in range(K):
+            ls[k], lm[k] = sb[k] & 0xF, sb[k] >> 4
+        _asym_search(xt, mwt, nudge, 3, 16, 15, d, dmin, ls, lm, best, L, T)
+        for k in range(K):
+            sb[k] = ls[k] | (lm[k] << 4)
+    for b in range(S):  # 16 scale bytes, 64 bytes of 2-bit levels, d, dmin
+        o = b * 84
+        for j in range(16):
+            out[o + j] = sb[16 * b + j]
+        for half in range(2):
+            for i in range(32):
+                w = 256 * b + 128 * half + i
+                v = 0
+                for c in range(4):
+                    v |= (_level(L, w + 32 * c) & 3) << (2 * c)
+                out[o + 16 + 32 * half + i] = v
+        h, hm = _f16_bits(d[b]), _f16_bits(dmin[b])
+        out[o + 80], out[o + 81], out[o + 82], out[o + 83] = h & 0xFF, h >> 8, hm & 0xFF, hm >> 8
+
+
+# ---------------------------------------------------------------------------- Q3_K / Q6_K
+# Symmetric types: x ~ d * (q - qoff) * (L - nmax), one multiple q per 16-weight sub-block (per lane).
+@njit(cache=True, error_model="numpy")
+def _sym_decoded(d, q, qoff, dj, zero):
+    """Every sub-block's decoded scale d * (q - qoff), 16 sub-blocks per super-block."""
+    for k in range(dj.shape[0]):
+        dj[k] = d[k // 16] * np.float32(q[k] - qoff)
+        zero[k] = _ZERO
+
+
+@njit(cache=True, error_model="numpy")
+def _sym_levels(xt, nmax, dj, L):
+    """The levels against the stored scales, L - nmax in -nmax..nmax-1 (a sub-block whose scale is 0
+    keeps the levels it has, as the C code does)."""
+    fn = np.float32(nmax)
+    for i in range(xt.shape[0]):
+        xi, Li = xt[i], L[i]
+        for k in range(xt.shape[1]):
+            lv = min(fn - _ONE, max(-fn, np.rint(xi[k] / dj[k])))
+            Li[k] = lv + fn if dj[k] != 0 else Li[k]
+
+
+@njit(cache=True)
+def _sym_search(xt, mwt, nudge, nmax, qoff, qlo, qhi, d, q, best, L, T):
+    """k2quant's search for the symmetric types, after llama.cpp's fits: the fp16 super-block scale
+    nudged by +-0.5% / +-1%, then each sub-block's multiple one step either way (within qlo..qhi);
+    the levels requantized to each, kept where the error (per super-block, then per sub-block) drops."""
+    K, S = xt.shape[1], d.shape[0]
+    dj, zero, err = np.empty(K, np.float32), np.zeros(K, np.float32), np.empty(K)
+    td, cand = np.empty(S, np.float32), np.empty(S)
+    for n in range(4):
+        for b in range(S):
+            td[b] = _round16(d[b] * nudge[n])
+        T[:] = L
+        _sym_decoded(td, q, qoff, dj, zero)
+        _sym_levels(xt, nmax, dj, T)
+        _lane_errors(xt, mwt, dj, zero, np.float32(nmax), T, err)
+        _block_sums(err, 16, cand)
+        for b in range(S):
+            if cand[b] < best[b]:
+                best[b], d[b] = cand[b], td[b]
+                L[:, 16 * b : 16 * b + 16] = T[:, 16 * b : 16 * b + 16]
+    lane_best, base = np.empty(K), q.copy()
+    _sym_decoded(d, q, qoff, dj, zero)
+    _lane_errors(xt, mwt, dj, zero, np.float32(nmax), L, lane_best)
+    for a in (-1, 1):
+        for k in range(K):
+            dj[k] = d[k // 16] * np.float32(min(qhi, max(qlo, base[k] + a)) - qoff)
+        T[:] = L
+        _sym_levels(xt, nmax, dj, T)
+        _lane_errors(xt, mwt, dj, zero, np.float32(nmax), T, err)
+        better = _keep_better(err, lane_best, T, L)
+        for k in range(K):
+            if better[k]:
+                q[k] = min(qhi, max(qlo, base[k] + a))
+
+
+@njit(cache=True)
+def _q6_fit(xt, wt, has_w, L, d, q):
     """quantize_row_q6_K_ref / _impl's fit of every super-block under weights wt (x^2 when has_w
-    is false): levels into L, the 16 multiples per super-block into sc, d (fp16; 0: a zero block)."""
+    is false): levels into L, each sub-block's signed multiple into q, d (fp16; 0: a zero block)."""
     K = xt.shape[1]
     scales = np.empty(K, np.float32)
     _make_qx(xt, wt, has_w, 32, L, scales)
@@ -514,118 +721,215 @@ def _q6_fit(xt, wt, has_w, L, d, sc):
                 max_abs, max_scale = abs(scales[16 * b + j]), scales[16 * b + j]
         if max_abs < _EPS:  # the C code zeroes the whole block
             L[:, 16 * b : 16 * b + 16] = _ZERO
-            sc[b] = 0
+            q[16 * b : 16 * b + 16] = 0
             d[b] = _ZERO
             continue
         iscale = np.float32(-128.0) / max_scale
         for j in range(16):
-            sc[b, j] = min(127, _nearest(iscale * scales[16 * b + j]))
+            q[16 * b + j] = min(127, _nearest(iscale * scales[16 * b + j]))
         d[b] = _round16(_ONE / iscale)
 
 
 @njit(cache=True, error_model="numpy")
-def _q6_decoded(d, sc, dj, zero):
-    for k in range(dj.shape[0]):
-        dj[k] = d[k // 16] * np.float32(sc[k // 16, k % 16])
-        zero[k] = _ZERO
-
-
-@njit(cache=True, error_model="numpy")
-def _q6_levels(xt, dj, L):
-    for i in range(xt.shape[0]):
+def _q3_ref(xt, L, d, q):
+    """quantize_row_q3_K_ref's fit: make_q3_quants (x^2-weighted, coordinate descent) per sub-block,
+    the multiples over the largest; levels into L, the 6-bit multiples (0..63) into q, d (fp16)."""
+    n, K = xt.shape
+    fn = np.float32(4.0)
+    mx, amax = np.zeros(K, np.float32), np.zeros(K, np.float32)
+    for i in range(n):
+        xi = xt[i]
+        for k in range(K):
+            bigger = abs(xi[k]) > amax[k]
+            mx[k] = xi[k] if bigger else mx[k]
+            amax[k] = abs(xi[k]) if bigger else amax[k]
+    zero = np.empty(K, np.bool_)
+    iscale, sumlx, suml2 = np.empty(K, np.float32), np.zeros(K, np.float32), np.zeros(K, np.float32)
+    for k in range(K):
+        zero[k] = amax[k] < _EPS
+        iscale[k] = -fn / (_ONE if zero[k] else mx[k])
+    for i in range(n):
         xi, Li = xt[i], L[i]
-        for k in range(xt.shape[1]):
-            lv = min(np.float32(31.0), max(np.float32(-32.0), np.rint(xi[k] / dj[k])))
-            Li[k] = lv + np.float32(32.0) if dj[k] != 0 else Li[k]
+        for k in range(K):
+            lv = min(fn - _ONE, max(-fn, np.rint(iscale[k] * xi[k])))
+            Li[k] = lv
+            w = xi[k] * xi[k]
+            sumlx[k] += w * xi[k] * lv
+            suml2[k] += w * lv * lv
+    for _ in range(5):  # a lane with no change in a pass would change nothing in the next either
+        for i in range(n):
+            xi, Li = xt[i], L[i]
+            for k in range(K):
+                w = xi[k] * xi[k]
+                slx = sumlx[k] - w * xi[k] * Li[k]
+                sl2 = suml2[k] - w * Li[k] * Li[k]
+                nl = min(fn - _ONE, max(-fn, np.rint(xi[k] * sl2 / slx)))
+                slx2 = slx + w * xi[k] * nl
+                sl22 = sl2 + w * nl * nl
+                take = slx > 0 and nl != Li[k] and sl22 > 0 and slx2 * slx2 * suml2[k] > sumlx[k] * sumlx[k] * sl22
+                Li[k] = nl if take else Li[k]
+                sumlx[k] = slx2 if take else sumlx[k]
+                suml2[k] = sl22 if take else suml2[k]
+    scales = np.empty(K, np.float32)
+    for k in range(K):
+        scales[k] = _ZERO if zero[k] else (sumlx[k] / suml2[k] if suml2[k] > 0 else _ZERO)
+    for i in range(n):
+        Li = L[i]
+        for k in range(K):
+            Li[k] = _ZERO if zero[k] else Li[k] + fn
+    for b in range(K // 16):
+        max_scale, am = _ZERO, _ZERO
+        for j in range(16):
+            if abs(scales[16 * b + j]) > am:
+                am, max_scale = abs(scales[16 * b + j]), scales[16 * b + j]
+        if max_scale == 0:
+            q[16 * b : 16 * b + 16] = 0
+            d[b] = _ZERO
+            continue
+        isc = np.float32(-32.0) / max_scale
+        for j in range(16):
+            lv = _nearest(isc * scales[16 * b + j]) & 0xFF  # the C code keeps it in an int8
+            lv = lv - 256 if lv > 127 else lv
+            q[16 * b + j] = max(-32, min(31, lv)) + 32
+        d[b] = _round16(_ONE / isc)
 
 
 @njit(cache=True)
-def _q6_multiples(xt, mwt, d, sc, L, T):
-    """k2quant's last step for Q6_K: each sub-block's multiple one step either way under the stored
-    d, the levels requantized; kept where the sub-block's error drops."""
-    K = xt.shape[1]
-    dj, zero, err, best = np.empty(K, np.float32), np.zeros(K, np.float32), np.empty(K), np.empty(K)
-    base = sc.copy()
-    _q6_decoded(d, sc, dj, zero)
-    _lane_errors(xt, mwt, dj, zero, np.float32(32.0), L, best)
-    for a in (-1, 1):
+def _q3_impl(x, xt, impt, has_imp, wt, L, d, q):
+    """quantize_row_q3_K_impl's fit (x^2 weights when there is no imatrix): make_qx_quants per
+    sub-block, then over each super-block's 16 scales; levels into L, multiples (0..63) into q."""
+    n, K = xt.shape
+    S = K // 16
+    sigma2 = np.empty(S, np.float32)
+    for b in range(S):  # summed in the row's order, as the C code does
+        s = _ZERO
+        for i in range(256 * b, 256 * b + 256):
+            s += x[i] * x[i]
+        sigma2[b] = np.float32(2.0) * s / np.float32(256.0)
+    for i in range(n):
+        xi, wi, qi = xt[i], wt[i], impt[i]
         for k in range(K):
-            dj[k] = d[k // 16] * np.float32(min(127, max(-128, base[k // 16, k % 16] + a)))
-        T[:] = L
-        _q6_levels(xt, dj, T)
-        _lane_errors(xt, mwt, dj, zero, np.float32(32.0), T, err)
-        better = _keep_better(err, best, T, L)
-        for k in range(K):
-            if better[k]:
-                sc[k // 16, k % 16] = min(127, max(-128, base[k // 16, k % 16] + a))
+            wi[k] = qi[k] * np.sqrt(sigma2[k // 16] + xi[k] * xi[k]) if has_imp else xi[k] * xi[k]
+    scales = np.empty(K, np.float32)
+    _make_qx(xt, wt, True, 4, L, scales)
+    st, swt = np.empty((16, S), np.float32), np.zeros((16, S), np.float32)
+    for k in range(K):
+        st[k % 16, k // 16] = scales[k]
+        sw = _ZERO
+        for i in range(n):
+            sw += wt[i, k]
+        swt[k % 16, k // 16] = sw
+    Ls, dblock = np.empty((16, S), np.float32), np.empty(S, np.float32)
+    _make_qx(st, swt, True, 32, Ls, dblock)
+    for k in range(K):
+        q[k] = np.int64(Ls[k % 16, k // 16])
+    for b in range(S):
+        d[b] = _round16(dblock[b])
 
 
 @njit(cache=True)
-def _q6_row(nudge, x, impt, has_imp, search, out):
+def _sym_row(nudge, kind, x, impt, has_imp, search, out):
+    """Q6_K (kind 6) or Q3_K (kind 3): llama.cpp's fit (x^2 weights without an imatrix, the imatrix
+    with one); with search, both (plain weights for Q6_K's second without one), the better per
+    super-block, then _sym_search."""
     cols = x.shape[0]
     K, S = cols // 16, cols // 256
-    xt = np.empty((16, K), np.float32)
-    _transpose(x, 16, xt)
-    mwt = impt if has_imp else np.ones((16, K), np.float32)
-    L, T = np.zeros((16, K), np.float32), np.zeros((16, K), np.float32)
+    nmax, qoff, qlo, qhi = (32, 0, -128, 127) if kind == 6 else (4, 32, 0, 63)
+    xt, wt, mwt, L, T, _ = _lanes(x, 16, impt, has_imp)
     d, td = np.zeros(S, np.float32), np.zeros(S, np.float32)
-    sc, tsc = np.zeros((S, 16), np.int64), np.zeros((S, 16), np.int64)
+    q, tq = np.zeros(K, np.int64), np.zeros(K, np.int64)
     dj, zero, err = np.empty(K, np.float32), np.empty(K, np.float32), np.empty(K, np.float64)
     best, cand = np.full(S, np.inf), np.zeros(S, np.float64)
-    # llama.cpp's: x^2 weights without an imatrix, the imatrix with one; the search tries both
-    # (plain weights in place of the imatrix when there is none)
-    for kind in range(3):
-        if not search and kind != (1 if has_imp else 0) or kind == 1 and not has_imp or kind == 2 and has_imp:
+    for fit in range(3):  # 0: x^2 weights, 1: the imatrix's, 2: plain weights (Q6_K's search without one)
+        if not search and fit != (1 if has_imp else 0) or fit == 1 and not has_imp or fit == 2 and has_imp:
             continue
-        _q6_fit(xt, mwt, kind != 0, T, td, tsc)
-        _q6_decoded(td, tsc, dj, zero)
-        _q6_levels(xt, dj, T)
+        if kind == 3 and fit == 2:
+            _q3_impl(x, xt, impt, False, wt, T, td, tq)  # the impl's fit under x^2 weights
+        elif kind == 3 and fit == 0:
+            _q3_ref(xt, T, td, tq)
+        elif kind == 3:
+            _q3_impl(x, xt, impt, True, wt, T, td, tq)
+        else:
+            _q6_fit(xt, impt if fit == 1 else mwt, fit != 0, T, td, tq)
+        _sym_decoded(td, tq, qoff, dj, zero)
+        _sym_levels(xt, nmax, dj, T)
         if search:
-            _lane_errors(xt, mwt, dj, zero, np.float32(32.0), T, err)
+            _lane_errors(xt, mwt, dj, zero, np.float32(nmax), T, err)
             _block_sums(err, 16, cand)
         for b in range(S):
             if not search or cand[b] < best[b]:
                 best[b], d[b] = cand[b], td[b]
-                sc[b] = tsc[b]
+                q[16 * b : 16 * b + 16] = tq[16 * b : 16 * b + 16]
                 L[:, 16 * b : 16 * b + 16] = T[:, 16 * b : 16 * b + 16]
     if search:
-        for q in range(4):
-            for b in range(S):
-                td[b] = _round16(d[b] * nudge[q])
-            T[:] = L
-            _q6_decoded(td, sc, dj, zero)
-            _q6_levels(xt, dj, T)
-            _lane_errors(xt, mwt, dj, zero, np.float32(32.0), T, err)
-            _block_sums(err, 16, cand)
-            for b in range(S):
-                if cand[b] < best[b]:
-                    best[b], d[b] = cand[b], td[b]
-                    L[:, 16 * b : 16 * b + 16] = T[:, 16 * b : 16 * b + 16]
-        _q6_multiples(xt, mwt, d, sc, L, T)
+        _sym_search(xt, mwt, nudge, nmax, qoff, qlo, qhi, d, q, best, L, T)
     for b in range(S):
-        o = b * 210
-        for half in range(2):  # per 128 weights: ql 64 bytes, qh 32; weight l of a 32-chunk c at l
-            p, ph = o + 64 * half, o + 128 + 32 * half
-            for i in range(32):
-                w = 256 * b + 128 * half + i  # the weights i, i + 32, i + 64, i + 96 of this half
-                q1 = np.int64(L[w % 16, w // 16])
-                q2 = np.int64(L[(w + 32) % 16, (w + 32) // 16])
-                q3 = np.int64(L[(w + 64) % 16, (w + 64) // 16])
-                q4 = np.int64(L[(w + 96) % 16, (w + 96) // 16])
-                out[p + i] = (q1 & 0xF) | ((q3 & 0xF) << 4)
-                out[p + 32 + i] = (q2 & 0xF) | ((q4 & 0xF) << 4)
-                out[ph + i] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)
-        for j in range(16):
-            out[o + 192 + j] = sc[b, j] & 0xFF
-        h = _f16_bits(d[b])
-        out[o + 208], out[o + 209] = h & 0xFF, h >> 8
+        if kind == 6:
+            _q6_pack(L, q, d, b, out)
+        else:
+            _q3_pack(L, q, d, b, out)
+
+
+@njit(cache=True)
+def _level(L, w):
+    """The level of weight w of the row in the lane layout (sub-blocks of 16)."""
+    return np.int64(L[w % 16, w // 16])
+
+
+@njit(cache=True)
+def _q6_pack(L, q, d, b, out):
+    o = b * 210
+    for half in range(2):  # per 128 weights: ql 64 bytes, qh 32
+        p, ph = o + 64 * half, o + 128 + 32 * half
+        for i in range(32):
+            w = 256 * b + 128 * half + i
+            q1, q2, q3, q4 = _level(L, w), _level(L, w + 32), _level(L, w + 64), _level(L, w + 96)
+            out[p + i] = (q1 & 0xF) | ((q3 & 0xF) << 4)
+            out[p + 32 + i] = (q2 & 0xF) | ((q4 & 0xF) << 4)
+            out[ph + i] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)
+    for j in range(16):
+        out[o + 192 + j] = q[16 * b + j] & 0xFF
+    h = _f16_bits(d[b])
+    out[o + 208], out[o + 209] = h & 0xFF, h >> 8
+
+
+@njit(cache=True)
+def _q3_pack(L, q, d, b, out):
+    """hmask (32), qs (64: 2 bits a weight), 12 bytes of 6-bit multiples, d."""
+    o = b * 110
+    for j in range(32):
+        hb = 0
+        for m in range(8):  # bit m of hmask byte j: weight 32 m + j's third bit
+            hb |= (_level(L, 256 * b + 32 * m + j) >> 2) << m
+        out[o + j] = hb
+    for half in range(2):
+        for i in range(32):
+            w = 256 * b + 128 * half + i
+            v = 0
+            for c in range(4):
+                v |= (_level(L, w + 32 * c) & 3) << (2 * c)
+            out[o + 32 + 32 * half + i] = v
+    sc = np.zeros(12, np.int64)
+    for j in range(16):
+        lv = q[16 * b + j]
+        if j < 8:
+            sc[j] = lv & 0xF
+        else:
+            sc[j - 8] |= (lv & 0xF) << 4
+        sc[8 + j % 4] |= (lv >> 4) << (2 * (j // 4))
+    for j in range(12):
+        out[o + 96 + j] = sc[j] & 0xFF
+    h = _f16_bits(d[b])
+    out[o + 108], out[o + 109] = h & 0xFF, h >> 8
 
 
 @njit(parallel=True, cache=True)
 def _encode(nudge, kind, x, impt, has_imp, search, out):
     for r in prange(x.shape[0]):
-        if kind == 6:
-            _q6_row(nudge, x[r], impt, has_imp, search, out[r])
+        if kind == 6 or kind == 3:
+            _sym_row(nudge, kind, x[r], impt, has_imp, search, out[r])
+        elif kind == 2:
+            _q2_row(nudge, x[r], impt, has_imp, search, out[r])
         else:
             _asym_row(nudge, 15 if kind == 4 else 31, x[r], impt, has_imp, search, out[r])
 
@@ -644,7 +948,7 @@ def encode_kquant(
         raise ValueError(f"{type_name} needs rows that are a multiple of 256 weights, got {cols}")
     has_imp = importance is not None
     imp = np.ascontiguousarray(importance, dtype=np.float32).reshape(cols) if has_imp else np.ones(cols, np.float32)
-    sub = 16 if kind == 6 else 32
+    sub = 32 if kind in (4, 5) else 16
     impt = np.ascontiguousarray(imp.reshape(cols // sub, sub).T)  # the importance as the rows are laid out
     out = np.zeros((rows, cols // 256 * BYTES[kind]), dtype=np.uint8)
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
