@@ -316,8 +316,7 @@ def convert_gguf(
     workers > 1: pieces (experts, row chunks, small tensors) are encoded in that many spawned
     processes with one thread each; the bytes do not change. The compiled encoders (k-quants,
     i-quants) spread rows over the process's threads, so one process is as fast or faster on
-    few cores (bench/convert_gguf.py); workers help the torch-encoded types (Q2_K, Q3_K, the
-    32-blocks). `extra_files`
+    few cores (bench/convert_gguf.py); workers help the torch-encoded 32-blocks (Q4_0, Q5_0, ...). `extra_files`
     (name -> text, e.g. a mix's recipe.toml) and `extra_summary` go into OUT before the manifest,
     which lists the files."""
     if method not in ("mse", "rtn"):
