@@ -1,4 +1,4 @@
-"""Benchmark: k2quant's compiled k-quant (Q4_K, Q5_K, Q6_K) and i-quant encoders against ggml's own, one thread.
+"""Benchmark: k2quant's compiled k-quant and i-quant encoders against ggml's own, one thread.
 
 ggml's encoder is called in the llama.cpp library the installed llama-cpp-python built
 (ggml_quantize_chunk in libggml-base, through ctypes, with the same importance vector); k2quant's
@@ -14,36 +14,26 @@ Usage: python bench/iquant_speed.py [--rows 256] [--cols 4096] [--repeat 3] [--t
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
+import sys
 import time
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 import torch
 
 from k2quant.quant import ggml
 
-TYPES = ("Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from llamacpp import quantize_chunk_here  # noqa: E402
+
+TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+         "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")  # fmt: skip
 
 
-def _ggml_lib() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]  # fmt: skip
-    return lib
-
-
-def ggml_encode(lib: ctypes.CDLL, x: np.ndarray, t: str, imp: np.ndarray) -> np.ndarray:
+def ggml_encode(x: np.ndarray, t: str, imp: np.ndarray) -> np.ndarray:
     """ggml_quantize_chunk of the rows of x (float32) as type t with column importance imp (one thread)."""
-    x = np.ascontiguousarray(x, np.float32)
-    imp = np.ascontiguousarray(imp, np.float32)
-    out = np.zeros((x.shape[0], ggml.TYPES[t].row_bytes(x.shape[1])), np.uint8)
-    rows, cols = x.shape
-    lib.ggml_quantize_chunk(ggml.TYPES[t].id, x.ctypes.data, out.ctypes.data, 0, rows, cols, imp.ctypes.data)
-    return out
+    return quantize_chunk_here(ggml.TYPES[t].id, ggml.TYPES[t].row_bytes(x.shape[1]), x, imp)
 
 
 def _best_of(fn, repeat: int) -> tuple[float, object]:
@@ -64,7 +54,6 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)  # k2quant's kernels take their thread count from torch's
-    lib = _ggml_lib()
     g = torch.Generator().manual_seed(0)
     w = torch.randn(args.rows, args.cols, generator=g) * 0.02
     w[:, ::97] *= 8  # some outlying columns, as real weights have
@@ -72,8 +61,8 @@ def main() -> None:
     rows = []
     for t in args.types.split(","):
         ggml.quantize(w[:2], t, imp, search=True)  # compile / load the kernel and build its tables
-        ggml_encode(lib, w[:2].numpy(), t, imp.numpy())
-        tg, ref = _best_of(lambda t=t: ggml_encode(lib, w.numpy(), t, imp.numpy()), args.repeat)
+        ggml_encode(w[:2].numpy(), t, imp.numpy())
+        tg, ref = _best_of(lambda t=t: ggml_encode(w.numpy(), t, imp.numpy()), args.repeat)
         tr, rtn = _best_of(lambda t=t: ggml.quantize(w, t, imp, search=False).numpy(), args.repeat)
         tm, mse = _best_of(lambda t=t: ggml.quantize(w, t, imp, search=True), args.repeat)
 

@@ -294,8 +294,8 @@ class _HessianGPTQ:
         h = self.file.load(name)
         if h.dtype not in (torch.float32, torch.float64) or tuple(h.shape) != (cols, cols):
             found = f"{DTYPE_NAMES.get(h.dtype, h.dtype)} {list(h.shape)}"
-            raise CheckpointError(f"expected a float32 [{cols}, {cols}] Hessian (the module's input width), found "
-                                  f"{found}", file=self.path, tensor=name)  # fmt: skip
+            raise CheckpointError(f"expected a float32 or float64 [{cols}, {cols}] Hessian (the module's input "
+                                  f"width), found {found}", file=self.path, tensor=name)  # fmt: skip
         if not torch.isfinite(h).all():
             raise CheckpointError("the Hessian holds NaN or infinite values", file=self.path, tensor=name)
         return h

@@ -17,6 +17,7 @@ Two rules hold for every use:
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import pickle
 import signal
@@ -116,18 +117,24 @@ def _quantize_many(jobs: list[tuple]) -> list[int]:
     return [_quantize(*job) for job in jobs]
 
 
-def _quantize_chunk(type_id: int, row_bytes: int, x: np.ndarray, imp: np.ndarray | None) -> np.ndarray:
+@functools.cache
+def _ggml_base() -> ctypes.CDLL:
     import llama_cpp
 
     lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]  # fmt: skip
+    return lib
+
+
+def quantize_chunk_here(type_id: int, row_bytes: int, x: np.ndarray, imp: np.ndarray | None) -> np.ndarray:
+    """ggml_quantize_chunk in this process (one thread): for timing it; tests use ggml_quantize_chunk."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.zeros((x.shape[0], row_bytes), dtype=np.uint8)
     imp = None if imp is None else np.ascontiguousarray(imp, dtype=np.float32)
-    lib.ggml_quantize_chunk(type_id, x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
-                            None if imp is None else imp.ctypes.data)  # fmt: skip
+    _ggml_base().ggml_quantize_chunk(type_id, x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
+                                     None if imp is None else imp.ctypes.data)  # fmt: skip
     return out
 
 
@@ -229,7 +236,7 @@ def llama_quantize_many(jobs: list[tuple[Path, Path, str, dict[str, np.ndarray] 
 def ggml_quantize_chunk(type_id: int, row_bytes: int, x: np.ndarray, imp: np.ndarray | None = None) -> np.ndarray:
     """ggml's own encoder (ggml_quantize_chunk of llama-cpp-python's libggml-base, the function
     llama-quantize calls) of the rows of x as GGML type `type_id`, with column importance imp."""
-    return in_child("_quantize_chunk", type_id, row_bytes, x, imp)
+    return in_child("quantize_chunk_here", type_id, row_bytes, x, imp)
 
 
 def errors_against_llama(ref, theirs, names, importance=None) -> dict[str, tuple[float, float, bool]]:

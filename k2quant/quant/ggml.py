@@ -320,18 +320,16 @@ def quantize(
         return w.to(torch.float16 if t.name == "F16" else torch.bfloat16).contiguous().view(torch.uint8)
     if t.name.startswith("IQ") and not torch.isfinite(w).all():
         raise ValueError(f"{t.name}: the weight holds NaN or infinite values")
-    if t.name in ("IQ4_NL", "IQ4_XS"):  # compiled: llama.cpp's search, then k2quant's (iq4_kernel.py)
-        imp = None if importance is None else importance.to(torch.float32).reshape(cols).numpy()
-        return torch.from_numpy(encode_iq4(w.to(torch.float32).numpy(), imp, t.name == "IQ4_XS", search,
-                                           torch.get_num_threads()))  # fmt: skip
-    if t.name in KQUANT_KINDS:  # compiled: llama.cpp's procedure, then k2quant's search (kquant_kernel.py)
+    if t.name in KQUANT_KINDS or t.name.startswith("IQ"):  # compiled: llama.cpp's procedure, then k2quant's search
+        x = w.to(torch.float32).numpy()
         imp = None if importance is None else importance.to(torch.float32).reshape(cols).numpy()
         threads = torch.get_num_threads()
-        return torch.from_numpy(encode_kquant(w.to(torch.float32).numpy(), imp, t.name, search, threads))
-    if t.name in (*iq_grid.CLASSES, "IQ1_M"):  # compiled: llama.cpp's lattice search, then k2quant's
-        imp = None if importance is None else importance.to(torch.float32).reshape(cols).numpy()
-        encode = {"IQ1": encode_iq1, "IQ2": encode_iq2, "IQ3": encode_iq3}[t.name[:3]]
-        return torch.from_numpy(encode(w.to(torch.float32).numpy(), imp, t.name, search, torch.get_num_threads()))
+        if t.name in KQUANT_KINDS:  # kquant_kernel.py
+            return torch.from_numpy(encode_kquant(x, imp, t.name, search, threads))
+        if t.name in ("IQ4_NL", "IQ4_XS"):  # iq4_kernel.py
+            return torch.from_numpy(encode_iq4(x, imp, t.name == "IQ4_XS", search, threads))
+        encode = {"IQ1": encode_iq1, "IQ2": encode_iq2, "IQ3": encode_iq3}[t.name[:3]]  # over iq_grid.py
+        return torch.from_numpy(encode(x, imp, t.name, search, threads))
     if importance is not None:
         importance = importance.to(torch.float32).reshape(1, cols)
     rows_per_chunk = max(1, _ELEMS_PER_CHUNK // cols)

@@ -50,7 +50,6 @@ KINDS = {"IQ2_XXS": 0, "IQ2_XS": 1, "IQ2_S": 2}
 _LAYOUT = {0: (8, 4, 66), 1: (16, 2, 74), 2: (16, 2, 82)}  # blocks, groups per block, bytes per 256
 
 
-# ---------------------------------------------------------------------------- llama.cpp's steps
 # ---------------------------------------------------------------------------- llama.cpp's rows
 @njit(cache=True)
 def _finish(levels, kmap, L, b, gpb, signs, gidx, ib, scale, nbits):

@@ -51,6 +51,38 @@ def _nearest(v):
     return np.int64(np.rint(v))
 
 
+@njit(cache=True, inline="always")
+def _largest(v, o, n):
+    """The largest of v[o:o+n], 0 if none is positive (the C code's max_scale / max_min)."""
+    m = _ZERO
+    for i in range(o, o + n):
+        m = v[i] if v[i] > m else m
+    return m
+
+
+@njit(cache=True, inline="always")
+def _largest_magnitude(v, o, n):
+    """The first of v[o:o+n] with the largest |v| (sign kept) and that magnitude (0, 0 if all are 0)."""
+    m, a = _ZERO, _ZERO
+    for i in range(o, o + n):
+        if abs(v[i]) > a:
+            a, m = abs(v[i]), v[i]
+    return m, a
+
+
+@njit(cache=True)
+def _sigma2(x, factor):
+    """Per super-block of the row, factor * (sum of x^2) / 256, summed in the row's order as the C code
+    sums it (factor 2 for Q3_K..Q5_K's importance weights, 1 for Q2_K's)."""
+    out = np.empty(x.shape[0] // 256, np.float32)
+    for b in range(out.shape[0]):
+        s = _ZERO
+        for i in range(256 * b, 256 * b + 256):
+            s += x[i] * x[i]
+        out[b] = np.float32(factor) * s / np.float32(256.0)
+    return out
+
+
 @njit(cache=True)
 def make_qp(x, w, o, n, nmax, L):
     """make_qp_quants: non-negative x[o:o+n] as scale * L, L in 0..nmax under weights w[o:o+n].
@@ -277,6 +309,17 @@ def _make_qx(xt, wt, has_w, nmax, L, scale):
 
 
 @njit(cache=True, error_model="numpy")
+def _lane_sums(wt):
+    """Every sub-block's sum of its weights, added in the C code's order (its sw[j])."""
+    sw = np.zeros(wt.shape[1], np.float32)
+    for i in range(wt.shape[0]):
+        wi = wt[i]
+        for k in range(wt.shape[1]):
+            sw[k] += wi[k]
+    return sw
+
+
+@njit(cache=True, error_model="numpy")
 def _lane_errors(xt, mwt, dj, mj, shift, L, err):
     """err[k]: sub-block k's weighted squared error of the values as they decode, dj (L - shift) - mj."""
     n, K = xt.shape
@@ -361,12 +404,7 @@ def _asym_ref(xt, nmax, wt, L, Laux, d, dmin, sc12):
     _make_qkx(xt, wt, nmax, rmin, _TENTH, nstep, False, L, Laux, scales, mins)
     ls, lm = np.empty(8, np.int64), np.empty(8, np.int64)
     for b in range(K // 8):
-        max_scale, max_min = _ZERO, _ZERO
-        for j in range(8):
-            if scales[8 * b + j] > max_scale:
-                max_scale = scales[8 * b + j]
-            if mins[8 * b + j] > max_min:
-                max_min = mins[8 * b + j]
+        max_scale, max_min = _largest(scales, 8 * b, 8), _largest(mins, 8 * b, 8)
         inv_scale = np.float32(63.0) / max_scale if max_scale > 0 else _ZERO
         inv_min = np.float32(63.0) / max_min if max_min > 0 else _ZERO
         for j in range(8):
@@ -381,22 +419,13 @@ def _asym_impl(x, xt, impt, has_imp, nmax, wt, L, Laux, d, dmin, sc12):
     """quantize_row_q{4,5}_K_impl's fit of every super-block (its no-imatrix weights when there is
     none): levels into L, d / dmin (fp16 values) and the packed multiples into sc12."""
     n, K = xt.shape
-    sigma2 = np.empty(K // 8, np.float32)
-    for b in range(K // 8):  # summed in the row's order, as the C code does
-        s = _ZERO
-        for i in range(256 * b, 256 * b + 256):
-            s += x[i] * x[i]
-        sigma2[b] = np.float32(2.0) * s / np.float32(256.0)
+    sigma2 = _sigma2(x, 2.0)
     for i in range(n):
         xi, wi, qi = xt[i], wt[i], impt[i]
         for k in range(K):
             s2 = sigma2[k // 8]
             wi[k] = qi[k] * np.sqrt(s2 + xi[k] * xi[k]) if has_imp else np.sqrt(s2) + abs(xi[k])
-    sw = np.zeros(K, np.float32)
-    for i in range(n):
-        wi = wt[i]
-        for k in range(K):
-            sw[k] += wi[k]
+    sw = _lane_sums(wt)
     scales, mins = np.empty(K, np.float32), np.empty(K, np.float32)
     _make_qkx(xt, wt, nmax, np.float32(-0.9), np.float32(0.05), 36, False, L, Laux, scales, mins)
     ls, lm = np.empty(8, np.int64), np.empty(8, np.int64)
@@ -546,12 +575,7 @@ def _q2_ref(xt, wt, L, Laux, d, dmin, sb):
     _make_qkx(xt, wt, 3, np.float32(-0.5), _TENTH, 15, True, L, Laux, scales, mins)
     fifteen = np.float32(15.0)
     for b in range(K // 16):
-        max_scale, max_min = _ZERO, _ZERO
-        for j in range(16):
-            if scales[16 * b + j] > max_scale:
-                max_scale = scales[16 * b + j]
-            if mins[16 * b + j] > max_min:
-                max_min = mins[16 * b + j]
+        max_scale, max_min = _largest(scales, 16 * b, 16), _largest(mins, 16 * b, 16)
         d[b], dmin[b] = _ZERO, _ZERO
         for j in range(16):
             sb[16 * b + j] = 0
@@ -573,22 +597,13 @@ def _q2_impl(x, xt, impt, has_imp, wt, L, Laux, d, dmin, sb):
     make_qkx3_quants per sub-block, make_qp_quants over each super-block's scales and mins."""
     n, K = xt.shape
     S = K // 16
-    sigma2 = np.empty(S, np.float32)
-    for b in range(S):  # summed in the row's order, as the C code does (no factor 2 for Q2_K)
-        s = _ZERO
-        for i in range(256 * b, 256 * b + 256):
-            s += x[i] * x[i]
-        sigma2[b] = s / np.float32(256.0)
+    sigma2 = _sigma2(x, 1.0)
     for i in range(n):
         xi, wi, qi = xt[i], wt[i], impt[i]
         for k in range(K):
             root = np.sqrt(sigma2[k // 16] + xi[k] * xi[k])
             wi[k] = qi[k] * root if has_imp else root
-    sw = np.zeros(K, np.float32)
-    for i in range(n):
-        wi = wt[i]
-        for k in range(K):
-            sw[k] += wi[k]
+    sw = _lane_sums(wt)
     scales, mins = np.empty(K, np.float32), np.empty(K, np.float32)
     _make_qkx(xt, wt, 3, np.float32(-0.9), np.float32(0.05), 36, False, L, Laux, scales, mins)
     Ls, Lm = np.empty(16, np.int64), np.empty(16, np.int64)
@@ -639,13 +654,7 @@ def _q2_row(nudge, x, impt, has_imp, search, out):
         o = b * 84
         for j in range(16):
             out[o + j] = sb[16 * b + j]
-        for half in range(2):
-            for i in range(32):
-                w = 256 * b + 128 * half + i
-                v = 0
-                for c in range(4):
-                    v |= (_level(L, w + 32 * c) & 3) << (2 * c)
-                out[o + 16 + 32 * half + i] = v
+        _pack_2bit(L, b, out, o + 16)
         h, hm = _f16_bits(d[b]), _f16_bits(dmin[b])
         out[o + 80], out[o + 81], out[o + 82], out[o + 83] = h & 0xFF, h >> 8, hm & 0xFF, hm >> 8
 
@@ -715,10 +724,7 @@ def _q6_fit(xt, wt, has_w, L, d, q):
     scales = np.empty(K, np.float32)
     _make_qx(xt, wt, has_w, 32, L, scales)
     for b in range(K // 16):
-        max_scale, max_abs = _ZERO, _ZERO
-        for j in range(16):
-            if abs(scales[16 * b + j]) > max_abs:
-                max_abs, max_scale = abs(scales[16 * b + j]), scales[16 * b + j]
+        max_scale, max_abs = _largest_magnitude(scales, 16 * b, 16)
         if max_abs < _EPS:  # the C code zeroes the whole block
             L[:, 16 * b : 16 * b + 16] = _ZERO
             q[16 * b : 16 * b + 16] = 0
@@ -778,10 +784,7 @@ def _q3_ref(xt, L, d, q):
         for k in range(K):
             Li[k] = _ZERO if zero[k] else Li[k] + fn
     for b in range(K // 16):
-        max_scale, am = _ZERO, _ZERO
-        for j in range(16):
-            if abs(scales[16 * b + j]) > am:
-                am, max_scale = abs(scales[16 * b + j]), scales[16 * b + j]
+        max_scale = _largest_magnitude(scales, 16 * b, 16)[0]
         if max_scale == 0:
             q[16 * b : 16 * b + 16] = 0
             d[b] = _ZERO
@@ -800,25 +803,17 @@ def _q3_impl(x, xt, impt, has_imp, wt, L, d, q):
     sub-block, then over each super-block's 16 scales; levels into L, multiples (0..63) into q."""
     n, K = xt.shape
     S = K // 16
-    sigma2 = np.empty(S, np.float32)
-    for b in range(S):  # summed in the row's order, as the C code does
-        s = _ZERO
-        for i in range(256 * b, 256 * b + 256):
-            s += x[i] * x[i]
-        sigma2[b] = np.float32(2.0) * s / np.float32(256.0)
+    sigma2 = _sigma2(x, 2.0)
     for i in range(n):
         xi, wi, qi = xt[i], wt[i], impt[i]
         for k in range(K):
             wi[k] = qi[k] * np.sqrt(sigma2[k // 16] + xi[k] * xi[k]) if has_imp else xi[k] * xi[k]
     scales = np.empty(K, np.float32)
     _make_qx(xt, wt, True, 4, L, scales)
-    st, swt = np.empty((16, S), np.float32), np.zeros((16, S), np.float32)
-    for k in range(K):
-        st[k % 16, k // 16] = scales[k]
-        sw = _ZERO
-        for i in range(n):
-            sw += wt[i, k]
-        swt[k % 16, k // 16] = sw
+    sw = _lane_sums(wt)
+    st, swt = np.empty((16, S), np.float32), np.empty((16, S), np.float32)
+    for k in range(K):  # each super-block's 16 scales as one lane, for make_qx_quants over them
+        st[k % 16, k // 16], swt[k % 16, k // 16] = scales[k], sw[k]
     Ls, dblock = np.empty((16, S), np.float32), np.empty(S, np.float32)
     _make_qx(st, swt, True, 32, Ls, dblock)
     for k in range(K):
@@ -877,6 +872,19 @@ def _level(L, w):
 
 
 @njit(cache=True)
+def _pack_2bit(L, b, out, p):
+    """Super-block b's low two level bits into 64 bytes at out[p:] (Q2_K's and Q3_K's qs): per 128
+    weights, byte i holds weights i, i + 32, i + 64, i + 96."""
+    for half in range(2):
+        for i in range(32):
+            w = 256 * b + 128 * half + i
+            v = 0
+            for c in range(4):
+                v |= (_level(L, w + 32 * c) & 3) << (2 * c)
+            out[p + 32 * half + i] = v
+
+
+@njit(cache=True)
 def _q6_pack(L, q, d, b, out):
     o = b * 210
     for half in range(2):  # per 128 weights: ql 64 bytes, qh 32
@@ -902,13 +910,7 @@ def _q3_pack(L, q, d, b, out):
         for m in range(8):  # bit m of hmask byte j: weight 32 m + j's third bit
             hb |= (_level(L, 256 * b + 32 * m + j) >> 2) << m
         out[o + j] = hb
-    for half in range(2):
-        for i in range(32):
-            w = 256 * b + 128 * half + i
-            v = 0
-            for c in range(4):
-                v |= (_level(L, w + 32 * c) & 3) << (2 * c)
-            out[o + 32 + 32 * half + i] = v
+    _pack_2bit(L, b, out, o + 32)
     sc = np.zeros(12, np.int64)
     for j in range(16):
         lv = q[16 * b + j]
