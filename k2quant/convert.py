@@ -22,7 +22,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -240,14 +240,22 @@ def convert_shard(
     entries = [(o[0], DTYPES[o[1]], tuple(o[2])) for t in tensors for o in t.outputs]
     writer = SafetensorsWriter(Path(out) / shard["file"], entries)
     t0 = time.time()
+    pending: Future | None = None  # the previous tensor's write, overlapping this one's encoding
     try:
-        for t in tensors:
-            for name, tensor in _produce(ck, t, method, imp.get(_module(t.name)), gptq):
-                writer.write(name, tensor)
-            if progress_q is not None:
-                progress_q.put(t.source_bytes)
+        with ThreadPoolExecutor(1, thread_name_prefix="k2quant-shard") as ex:
+            for t in tensors:
+                for name, tensor in _produce(ck, t, method, imp.get(_module(t.name)), gptq):
+                    if pending is not None:
+                        pending.result()
+                    pending = ex.submit(writer.write, name, tensor)
+                if progress_q is not None:
+                    progress_q.put(t.source_bytes)
+            if pending is not None:
+                pending.result()
         writer.close()
     except BaseException:
+        if pending is not None:  # let a write in flight end before the file goes
+            wait([pending])
         writer.abort()
         raise
     return {"file": shard["file"], "bytes": writer.size, "sha256": writer.sha256, "seconds": time.time() - t0}
