@@ -13,7 +13,8 @@ import click
 
 from .errors import K2QuantError
 
-RESUMABLE = ("convert", "calibrate")  # long commands that keep finished work and take --resume
+# long commands that keep finished work, and the flag that resumes them (None: the same command does)
+RESUMABLE = {"convert": "--resume", "calibrate": "--resume", "diff": "--resume", "demo": None}
 
 
 class _Group(click.Group):
@@ -46,7 +47,8 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             name = caught.get("signal", "SIGINT")
             if resumable:
-                again = argv if "--resume" in argv else [*argv, "--resume"]
+                flag = RESUMABLE[argv[0]]
+                again = argv if flag is None or flag in argv else [*argv, flag]
                 click.echo(f"\ninterrupted ({name}): the work finished so far is kept; resume with:\n"
                            f"  {shlex.join(['k2quant', *again])}", err=True)  # fmt: skip
             else:
@@ -339,22 +341,27 @@ def calibrate(src, data, out, tokens, ctx, min_expert_tokens, batch, hessian, re
 @click.option("--ctx", default=512, show_default=True, help="Tokens per chunk (the second half is scored).")
 @click.option("--chunks", type=int, default=None, help="Use at most this many chunks.")
 @click.option("--batch", default=4, show_default=True, help="Chunks evaluated together.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted diff in OUT (it keeps each finished batch).")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the summary.")
-def diff(ref, cand, data, out, ctx, chunks, batch, as_json):
+def diff(ref, cand, data, out, ctx, chunks, batch, resume, as_json):
     """Accuracy diff of CAND against REF: KLD, perplexity, top-1, per layer, tensor and expert.
 
     Both models run layer-streamed, so neither has to fit in RAM. Statistics follow
-    llama-perplexity --kl-divergence. Writes metrics.json, report.md and report.html.
+    llama-perplexity --kl-divergence. Writes metrics.json, report.md and report.html. As each
+    batch of chunks finishes its numbers are kept in OUT, so an interrupted run is finished with
+    --resume (to the same metrics).
 
     \b
     Example:
       k2quant diff Kimi-K2-Instruct K2-int4 --data wiki.test.raw --out diff-int4 --ctx 512 --chunks 100
+      k2quant diff Kimi-K2-Instruct K2-int4 --data wiki.test.raw --out diff-int4 --ctx 512 --chunks 100 --resume
     """
     from .report.diff import run_diff
-    from .report.render import terminal_summary, write_report
+    from .report.render import report_paths, terminal_summary
 
-    m = run_diff(ref, cand, list(data), ctx=ctx, chunks=chunks, batch=batch, progress=not as_json)
-    paths = write_report(m, out)
+    m = run_diff(ref, cand, list(data), ctx=ctx, chunks=chunks, batch=batch, progress=not as_json, out=out,
+                 resume=resume)  # fmt: skip
+    paths = report_paths(out)
     if as_json:
         click.echo(paths["metrics"].read_text())
     else:

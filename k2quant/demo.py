@@ -8,7 +8,6 @@ copy, and reused on later runs. Each step prints what it produced and where.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -23,19 +22,18 @@ from .inspect import format_inspect, inspect_checkpoint
 from .manifest import MANIFEST
 from .recipe import build_recipe
 from .report.diff import run_diff
-from .report.render import terminal_summary, write_report
+from .report.render import report_paths, terminal_summary
 from .runner.console import answer, format_report, stop_ids
 from .runner.engine import Sampling
 from .runner.runner import Runner, RunOptions
 
 
 def _run_or_reuse(where: Path, done_marker: Path, echo, step) -> None:
-    """Run a demo step (it returns its printed summary) unless an earlier run finished it;
-    what an unfinished earlier run left in `where` is removed first."""
+    """Run a demo step (it returns its printed summary) unless an earlier run finished it. Each step
+    is called with resume, so an interrupted demo run again goes on where the step stopped."""
     if done_marker.exists():
         echo(f"   reusing {where}")
         return
-    shutil.rmtree(where, ignore_errors=True)
     echo(step())
 
 
@@ -56,19 +54,19 @@ def run(out: str | Path, echo=print) -> dict:
     echo("\n== 3. k2quant calibrate (bundled text, layer-streamed): imatrix.gguf and expert hotness")
     calib = out / "calib"
     _run_or_reuse(calib, calib / "calibration.json", echo, lambda: format_calibration(
-        calibrate(fp8, calib, tokens=4096, ctx=256, min_expert_tokens=32, progress=False)))  # fmt: skip
+        calibrate(fp8, calib, tokens=4096, ctx=256, min_expert_tokens=32, progress=False, resume=True)))  # fmt: skip
 
     echo("\n== 3b. k2quant convert --to safetensors --preset k2-int4 --calib (routed experts INT4 g32, as K2-Thinking)")
     int4 = out / "mini-k2-int4"
     _run_or_reuse(int4, int4 / MANIFEST, echo, lambda: format_summary(
         convert(fp8, int4, build_recipe("k2-int4"), transformers_config=True, progress=False,
-                imatrix=calib / "imatrix.gguf")))  # fmt: skip
+                imatrix=calib / "imatrix.gguf", resume=True)))  # fmt: skip
 
     echo("\n== 3c. k2quant convert --to gguf --preset q4_k_m --calib (llama.cpp, one pass from FP8)")
     gguf_dir = out / "mini-k2-gguf"
     _run_or_reuse(gguf_dir, gguf_dir / MANIFEST, echo, lambda: format_summary(
         convert_gguf(fp8, gguf_dir, build_recipe("q4_k_m", target="gguf"), progress=False,
-                     imatrix=calib / "imatrix.gguf", name="mini-k2-Q4_K_M")))  # fmt: skip
+                     imatrix=calib / "imatrix.gguf", name="mini-k2-Q4_K_M", resume=True)))  # fmt: skip
     gguf_file = gguf_dir / "mini-k2-Q4_K_M.gguf"
 
     # held-out text: calib/heldout/, read by neither mini-K2's training nor calibration
@@ -77,8 +75,8 @@ def run(out: str | Path, echo=print) -> dict:
     results = {}
     for step, (name, cand) in enumerate((("fp8", fp8), ("int4", int4), ("gguf-q4_k_m", gguf_file)), start=4):
         echo(f"\n== {step}. k2quant diff: {name} against the BF16 reference (layer-streamed)")
-        m = run_diff(bf16, cand, [data], ctx=128, progress=False)
-        paths = write_report(m, out / f"diff-{name}")
+        m = run_diff(bf16, cand, [data], ctx=128, progress=False, out=out / f"diff-{name}", resume=True)
+        paths = report_paths(out / f"diff-{name}")
         echo("   " + terminal_summary(m).replace("\n", "\n   "))
         echo(f"   report: {paths['html']}")
         results[name] = {k: m[k] for k in ("tokens", "top1_agreement")} | {"mean_kld": m["kld"]["mean"],

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
 
 from click.testing import CliRunner
 
@@ -44,3 +49,16 @@ def test_bad_checkpoint_is_one_line_error(tmp_path):
 def test_help_has_examples():
     r = CliRunner().invoke(main, ["--help"])
     assert "Examples" in r.output and "inspect" in r.output and "demo" in r.output
+
+
+def test_demo_interrupted_prints_the_command_that_goes_on(tmp_path):
+    """SIGTERM while the demo builds mini-K2: exit 143, and the last line is the command that resumes (the demo
+    itself: each step keeps what it finished and is resumed where it stopped)."""
+    out = tmp_path / "demo dir"
+    p = subprocess.Popen([sys.executable, "-m", "k2quant", "demo", "--out", str(out)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    assert p.stdout.readline().startswith("== 1. mini-K2"), p.communicate()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM and "interrupted (SIGTERM)" in err, err
+    assert shlex.split(err.strip().splitlines()[-1]) == ["k2quant", "demo", "--out", str(out)], err

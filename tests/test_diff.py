@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +20,7 @@ from click.testing import CliRunner
 from k2quant import K2QuantError
 from k2quant.cli import main
 from k2quant.report.diff import run_diff
+from k2quant.report.diff_state import STATE_DIR as DIFF_STATE_DIR
 from k2quant.report.metrics import summarize, token_quantities
 from k2quant.synthetic import k2_config_dict, write_synthetic_checkpoint
 
@@ -151,3 +159,75 @@ print(peak_rss())
 
 def test_diff_memory_does_not_grow_with_model_size(two_sizes, tmp_path):
     assert_peak_rss_independent_of_size(two_sizes, RSS_SCRIPT, tmp_path)
+
+
+DIFF_ARGS = ["--ctx", "64", "--chunks", "6", "--batch", "1"]
+
+
+def _diff_proc(ref, cand, data, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "k2quant", "diff", str(ref), str(cand), "--data", str(data),
+                             "--out", str(out), *DIFF_ARGS, "--json", *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+
+
+def _wait_for_batches(proc, out, n: int) -> None:
+    state = out / DIFF_STATE_DIR / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(state.read_text())["batches_done"] >= n:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"diff ended or stalled before {n} batches were done: {proc.communicate()}")
+
+
+def test_diff_killed_then_resumed_is_byte_identical(mini_k2, heldout_file, tmp_path):
+    """SIGKILL after a batch, SIGTERM after another (which prints the command that resumes): that command
+    finishes with a report byte-identical to an uninterrupted run's. A new run over the state, or a resume
+    with another option, is refused, naming what differs; a damaged state file is named."""
+    ref, cand = mini_k2["bf16"], mini_k2["fp8"]
+    clean, out = tmp_path / "clean", tmp_path / "killed"
+    r = CliRunner().invoke(main, ["diff", str(ref), str(cand), "--data", str(heldout_file), "--out", str(clean),
+                                  *DIFF_ARGS, "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    p = _diff_proc(ref, cand, heldout_file, out)
+    _wait_for_batches(p, out, 1)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    assert not (out / "metrics.json").exists(), "diff finished before the kill"
+    base = ["diff", str(ref), str(cand), "--data", str(heldout_file), "--out", str(out)]
+    r = CliRunner().invoke(main, [*base, *DIFF_ARGS])
+    assert r.exit_code == 1 and re.search(r"unfinished diff \([1-5] of 6 batches done\)", r.output), r.output
+    r = CliRunner().invoke(main, [*base, *DIFF_ARGS[:-1], "2", "--resume"])
+    assert r.exit_code == 1 and "differs from this run in --batch (1 then, 2 now)" in r.output, r.output
+    other = tmp_path / "other.txt"
+    other.write_text("Other evaluation text, not the held-out one. " * 300, encoding="utf-8")
+    r = CliRunner().invoke(main, ["diff", str(ref), str(cand), "--data", str(other), "--out", str(out), *DIFF_ARGS,
+                                  "--resume"])  # fmt: skip
+    assert r.exit_code == 1 and "differs from this run in its evaluation tokens" in r.output, r.output
+
+    p = _diff_proc(ref, cand, heldout_file, out, "--resume")
+    _wait_for_batches(p, out, 3)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate()
+    assert p.returncode == 128 + signal.SIGTERM and "interrupted (SIGTERM)" in err, err
+    again = shlex.split(err.strip().splitlines()[-1])
+    assert again[:2] == ["k2quant", "diff"] and "--resume" in again, err
+    assert not (out / "metrics.json").exists(), "diff finished before SIGTERM"
+
+    state = json.loads((out / DIFF_STATE_DIR / "state.json").read_text())
+    progress = out / DIFF_STATE_DIR / state["file"]
+    saved = progress.read_bytes()
+    progress.write_bytes(saved[:-8] + b"\0" * 8)
+    r = CliRunner().invoke(main, again[1:])
+    assert r.exit_code == 1 and f"{progress}: its sha256 is not the one state.json recorded" in r.output, r.output
+    progress.write_bytes(saved)
+
+    r = CliRunner().invoke(main, again[1:])
+    assert r.exit_code == 0, r.output
+    for f in ("metrics.json", "report.md"):
+        assert (out / f).read_bytes() == (clean / f).read_bytes(), f
+    assert not (out / DIFF_STATE_DIR).exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())

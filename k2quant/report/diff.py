@@ -27,7 +27,9 @@ from ..checkpoint import open_checkpoint
 from ..errors import K2QuantError
 from ..model import K2Model, open_model
 from ..names import parse_name
+from .diff_state import DiffProgress, DiffState, run_key
 from .metrics import summarize, token_quantities
+from .render import write_report
 
 
 class DiffError(K2QuantError):
@@ -110,8 +112,12 @@ def run_diff(
     chunks: int | None = None,
     batch: int = 4,
     progress: bool = True,
+    out: str | Path | None = None,
+    resume: bool = False,
 ) -> dict:
-    """Compare two models on the data; returns the metrics dictionary (see metrics.json)."""
+    """Compare two models on the data; returns the metrics dictionary (see metrics.json). With `out`,
+    the report is written there too, and the run keeps a resumable state in `out` as each batch of
+    chunks finishes (diff_state.py): `resume` finishes an interrupted run, to the same metrics."""
     ref, cand = open_model(ref_path), open_model(cand_path)  # layer-streamed: nothing stays resident
     _check_compatible(ref, cand)
     tokens = load_tokens(data, ref_path)
@@ -126,19 +132,23 @@ def run_diff(
     c = ref.config
     L = c.num_hidden_layers
     first = ctx // 2  # positions first .. ctx-2 predict tokens first+1 .. ctx-1
-    layer_acc = {k: torch.zeros(L, dtype=torch.float64) for k in ("teacher_err2", "free_err2", "ref2", "teacher_cos",
-                                                                      "free_cos")}  # fmt: skip
-    n_vec = 0
-    route_total = torch.zeros(L, dtype=torch.float64)
-    route_agree = torch.zeros(L, dtype=torch.float64)
-    expert_counts = torch.zeros(L, c.n_routed_experts, dtype=torch.float64)
-    per_token = {}
+    batches = (n_chunks + batch - 1) // batch
+    state = None
+    if out is not None:
+        key = run_key(Path(ref_path), Path(cand_path), x_all, {"ctx": ctx, "chunks": n_chunks, "batch": batch})
+        state = DiffState(Path(out), key, L, c.n_routed_experts, batches)
+        p = state.open(resume)
+    else:
+        p = DiffProgress.start(L, c.n_routed_experts)
+    acc = p.layer
+    per_token = {k: [v] for k, v in p.per_token.items()}
     captured: dict[str, torch.Tensor] = {}
     ref.route_observer = lambda layer, s, ids, w: captured.__setitem__("ref", ids)
     cand.route_observer = lambda layer, s, ids, w: captured.__setitem__("cand", ids)
-    bar = tqdm(total=n_chunks, desc="diff", unit="chunk", disable=not progress)
+    bar = tqdm(total=n_chunks, initial=min(n_chunks, p.batches * batch), desc="diff", unit="chunk",
+               disable=not progress)  # fmt: skip
     with torch.no_grad():
-        for b0 in range(0, n_chunks, batch):
+        for b0 in range(p.batches * batch, n_chunks, batch):
             x = x_all[b0 : b0 + batch]
             nb = x.shape[0]
             pos = torch.arange(ctx)
@@ -157,23 +167,26 @@ def run_diff(
                 h_free = cand.layer(i, h_free, pos)
                 for name, h in (("teacher", teacher), ("free", h_free)):
                     d = (h - out_ref).double()
-                    layer_acc[f"{name}_err2"][i] += d.pow(2).sum().item()
-                    layer_acc[f"{name}_cos"][i] += (
-                        F.cosine_similarity(h.double(), out_ref.double(), dim=-1).sum().item()
-                    )
-                layer_acc["ref2"][i] += out_ref.double().pow(2).sum().item()
+                    acc[f"{name}_err2"][i] += d.pow(2).sum().item()
+                    acc[f"{name}_cos"][i] += F.cosine_similarity(h.double(), out_ref.double(), dim=-1).sum().item()
+                acc["ref2"][i] += out_ref.double().pow(2).sum().item()
                 if c_ids is not None:  # router choices on the same input
                     agree = (r_ids[:, :, None] == c_ids[:, None, :]).any(-1).double().sum().item()
-                    route_agree[i] += agree
-                    route_total[i] += r_ids.numel()
-                    expert_counts[i] += torch.bincount(r_ids.flatten(), minlength=c.n_routed_experts).double()
+                    acc["route_agree"][i] += agree
+                    acc["route_total"][i] += r_ids.numel()
+                    p.expert_counts[i] += torch.bincount(r_ids.flatten(), minlength=c.n_routed_experts).double()
                 h_ref = out_ref
-            n_vec += nb * ctx
+            p.n_vec += nb * ctx
             lr = ref.head(h_ref)[:, first : ctx - 1].reshape(-1, c.vocab_size).float()
             lc = cand.head(h_free)[:, first : ctx - 1].reshape(-1, c.vocab_size).float()
             tq = token_quantities(lr, lc, x[:, first + 1 :].reshape(-1))
             for k, v in tq.items():
-                per_token.setdefault(k, []).append(v)
+                per_token[k].append(v)
+            p.batches += 1
+            if state is not None:
+                p.per_token = {k: torch.cat(v) for k, v in per_token.items()}
+                per_token = {k: [v] for k, v in p.per_token.items()}
+                state.save(p)
             bar.update(nb)
     bar.close()
     q = {k: torch.cat(v) for k, v in per_token.items()}
@@ -182,24 +195,28 @@ def run_diff(
     metrics["chunks"] = n_chunks
     metrics["reference"] = str(ref_path)
     metrics["candidate"] = str(cand_path)
-    ref2 = layer_acc["ref2"].clamp(min=1e-30)
+    ref2 = acc["ref2"].clamp(min=1e-30)
     metrics["per_layer"] = [
         {
             "layer": i,
             "moe": c.is_moe(i),
-            "rel_err_teacher": (layer_acc["teacher_err2"][i] / ref2[i]).sqrt().item(),
-            "rel_err_free": (layer_acc["free_err2"][i] / ref2[i]).sqrt().item(),
-            "cos_teacher": (layer_acc["teacher_cos"][i] / n_vec).item(),
-            "cos_free": (layer_acc["free_cos"][i] / n_vec).item(),
+            "rel_err_teacher": (acc["teacher_err2"][i] / ref2[i]).sqrt().item(),
+            "rel_err_free": (acc["free_err2"][i] / ref2[i]).sqrt().item(),
+            "cos_teacher": (acc["teacher_cos"][i] / p.n_vec).item(),
+            "cos_free": (acc["free_cos"][i] / p.n_vec).item(),
         }
         for i in range(L)
     ]
+    agree, total = acc["route_agree"], acc["route_total"]
     metrics["router"] = {
-        "topk_agreement": (route_agree.sum() / route_total.sum()).item() if route_total.sum() else 1.0,
-        "per_layer": {str(i): (route_agree[i] / route_total[i]).item() for i in range(L) if route_total[i]},
+        "topk_agreement": (agree.sum() / total.sum()).item() if total.sum() else 1.0,
+        "per_layer": {str(i): (agree[i] / total[i]).item() for i in range(L) if total[i]},
     }
-    metrics["per_tensor"], metrics["per_expert"] = weight_errors(ref_path, cand_path, expert_counts, progress)
+    metrics["per_tensor"], metrics["per_expert"] = weight_errors(ref_path, cand_path, p.expert_counts, progress)
     metrics["kld_values"] = q["kld"].float().tolist()  # for the distribution plot
+    if state is not None:
+        write_report(metrics, out)
+        state.finish()
     return metrics
 
 

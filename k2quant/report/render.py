@@ -103,11 +103,17 @@ def markdown(m: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def report_paths(out: str | Path) -> dict[str, Path]:
+    """Where write_report puts metrics.json, report.md and report.html."""
+    out = Path(out)
+    return {"metrics": out / "metrics.json", "markdown": out / "report.md", "html": out / "report.html"}
+
+
 def write_report(m: dict, out: str | Path) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(m)
-    paths = {"metrics": out / "metrics.json", "markdown": out / "report.md", "html": out / "report.html"}
+    paths = report_paths(out)
     slim = {k: v for k, v in m.items() if k != "kld_values"}
     paths["metrics"].write_text(json.dumps(slim, indent=2) + "\n")
     paths["markdown"].write_text(md, encoding="utf-8")
