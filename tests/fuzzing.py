@@ -310,6 +310,30 @@ def _calibrate_state() -> dict[str, bytes]:
         return {f"out/{k}": v for k, v in _dir_files(Path(tmp)).items()}
 
 
+DIFF_KEY = {"k2quant": "fuzz", "ctx": 8, "chunks": 6, "batch": 2, "reference": "r", "candidate": "c",
+            "tokens_digest": "t"}  # fmt: skip
+DIFF_BATCHES = 3
+
+
+def _diff_state() -> dict[str, bytes]:
+    """What an interrupted `diff` of TINY against itself leaves after two of three batches
+    (report/diff_state.py): state.json and the progress file it names."""
+    import torch
+
+    from k2quant.report.diff_state import LAYER_SUMS, TOKEN_KEYS, DiffProgress, DiffState
+
+    g = torch.Generator().manual_seed(0)
+    layers, e = TINY["num_hidden_layers"], TINY["n_routed_experts"]
+    with tempfile.TemporaryDirectory() as tmp:
+        state = DiffState(Path(tmp), DIFF_KEY, layers, e, DIFF_BATCHES)
+        state.open(resume=False)
+        p = DiffProgress(2, {k: torch.rand(layers, generator=g, dtype=torch.float64) for k in LAYER_SUMS},
+                         torch.rand(layers, e, generator=g, dtype=torch.float64), 32,
+                         {k: torch.rand(12, generator=g, dtype=torch.float64) for k in TOKEN_KEYS})  # fmt: skip
+        state.save(p)
+        return {f"out/{k}": v for k, v in _dir_files(Path(tmp)).items()}
+
+
 SPOOL_MODULES = [f"model.layers.1.mlp.experts.{e}.down_proj" for e in range(2)]
 
 
@@ -388,6 +412,7 @@ def make_bases() -> dict[str, dict[str, bytes]]:
                     "out/model-2-of-2.safetensors.tmp": b"x",
                     "model-1-of-2.safetensors": fp8["model-1-of-2.safetensors"]},
         "calibrate-state": _calibrate_state(),
+        "diff-state": _diff_state(),
         "gptq-spool": _gptq_spool(),
         "hessians": {**fp8, **_hessians()},
     }  # fmt: skip
@@ -555,6 +580,17 @@ def read_calibrate_state(d: Path) -> str:
     return f"{got.layers_done} layers, {len(got.stats.in_sum2)} sums, {len(got.stats.hessians or {})} Hessians"
 
 
+def read_diff_state(d: Path) -> str:
+    from k2quant.report.diff_state import DiffState, DiffStateError
+
+    state = DiffState(d / "out", DIFF_KEY, TINY["num_hidden_layers"], TINY["n_routed_experts"], DIFF_BATCHES)
+    with contextlib.suppress(DiffStateError):  # without --resume: refused whatever the state holds
+        state.open(resume=False)
+        raise AssertionError("a directory with a diff state taken for a fresh diff")
+    got = state.open(resume=True)
+    return f"{got.batches} batches, {got.per_token['kld'].numel()} tokens, n_vec {got.n_vec}"
+
+
 def read_gptq_spool(d: Path) -> str:
     from k2quant.gptq_stream import SpoolReader, _complete, spool_file, spooled_fallbacks
 
@@ -634,6 +670,10 @@ READERS = {r.name: r for r in [
             "out/.k2quant-calibrate/hidden-001.safetensors": "safetensors"}, read_calibrate_state,
            "an interrupted calibration's state: calib/resume.py CalibrationState.open with and without --resume",
            "out"),
+    Reader("diff-state", "diff-state",
+           {"out/.k2quant-diff/state.json": "json", "out/.k2quant-diff/progress-000002.safetensors": "safetensors"},
+           read_diff_state, "an interrupted diff's state: report/diff_state.py DiffState.open with and without "
+           "--resume", "out"),
     Reader("gptq-spool", "gptq-spool",
            {"out/.gptq-spool/layer-001.safetensors": "safetensors", "out/.gptq-spool/layer-001.fallbacks.json": "json"},
            read_gptq_spool, "the layer-streamed GPTQ's spool: gptq_stream._complete, SpoolReader, spooled_fallbacks",
