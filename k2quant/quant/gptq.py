@@ -7,14 +7,17 @@ from k2quant's INT4 scale search (clipping ratios weighted by the Hessian diagon
 the mean squared activation): computed on the partly updated weights when a group starts,
 or up front from the original weights with act-order (static groups, so each group still
 has one scale). The result has the same form as quantize_int4's, so it is stored, read and
-dequantized identically.
+dequantized identically. Each block of 128 columns runs compiled (int4_kernel.gptq_block: the
+torch loop's float32 operations in its order, the group scales by the fused encoder's search);
+the update of the later columns between blocks is one matrix product.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .int4 import quantize_int4
+from .int4 import CLIP_RATIOS, quantize_int4
+from .int4_kernel import gptq_block
 
 _LAST: dict = {}  # the last Hessian factored, and its factor
 
@@ -86,44 +89,33 @@ def gptq_int4(
         raise ValueError(f"Hessian has shape {list(hessian.shape)}, expected [{cols}, {cols}]")
     if cols % group_size or block % group_size:
         raise ValueError(f"input width {cols} and block {block} must be multiples of group size {group_size}")
+    if scale_dtype != torch.bfloat16:
+        raise ValueError(f"GPTQ's scales are bfloat16 (as K2's INT4 release), not {scale_dtype}")
     W = w.to(torch.float32).clone()
     dead, diag, perm, U = _factor(hessian, damp, act_order)
     W[:, dead] = 0.0
     groups = cols // group_size
-    scales = torch.empty(rows, groups, dtype=scale_dtype)
-    zeros = None if symmetric else torch.empty(rows, groups, dtype=torch.int8)
+    # each group's per-row scale and zero point as float32 values, [groups, rows] (a group's row of
+    # scales is contiguous for the kernel); bf16 values when the scale dtype is bf16
+    scales_f = torch.zeros(groups, rows, dtype=torch.float32)
+    zeros_f = torch.zeros(groups, rows, dtype=torch.float32)
     if act_order:
-        _, scales, zeros = quantize_int4(W, group_size, symmetric, qmax, diag.float(), True, scale_dtype)
+        _, s, z = quantize_int4(W, group_size, symmetric, qmax, diag.float(), True, scale_dtype)
+        scales_f.copy_(s.to(torch.float32).T)
+        if z is not None:
+            zeros_f.copy_(z.to(torch.float32).T)
     W = W[:, perm]
-    Q = torch.empty(rows, cols, dtype=torch.int8)
-    lo = -qmax if symmetric else -8
+    Qt = torch.empty(cols, rows, dtype=torch.int8)  # levels, columns as rows
+    ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float32).numpy()
+    diag32 = diag.to(torch.float32).numpy()
     for i1 in range(0, cols, block):  # columns as rows (transposed blocks): every column op is contiguous
         i2 = min(i1 + block, cols)
         W1 = W[:, i1:i2].T.contiguous()
-        E = torch.zeros(i2 - i1, rows)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            orig = int(perm[i1 + i])
-            g = orig // group_size
-            if not act_order and orig % group_size == 0:  # a group starts: its scale from the updated weights
-                imp = diag[orig : orig + group_size].float()
-                grp = W1[i : i + group_size].T.contiguous()
-                _, s, z = quantize_int4(grp, group_size, symmetric, qmax, imp, True, scale_dtype)
-                scales[:, g] = s[:, 0]
-                if zeros is not None:
-                    zeros[:, g] = z[:, 0]
-            s = scales[:, g].to(torch.float32)
-            x = W1[i]
-            if zeros is None:
-                q = torch.clamp(torch.round(x / s), lo, 7)
-                dq = q * s
-            else:
-                zf = zeros[:, g].to(torch.float32)
-                q = torch.clamp(torch.round(x / s) + zf, -8, 7)
-                dq = (q - zf) * s
-            Q[:, i1 + i] = q.to(torch.int8)
-            err = (x - dq) / U1[i, i]
-            W1[i:] -= U1[i, i:, None] * err[None, :]
-            E[i] = err
+        E = torch.empty(i2 - i1, rows)
+        U1 = U[i1:i2, i1:i2].contiguous()
+        gptq_block(W1.numpy(), U1.numpy(), perm[i1:i2].numpy(), diag32, group_size, qmax, symmetric, ratios,
+                   not act_order, scales_f.numpy(), zeros_f.numpy(), Qt[i1:i2].numpy(), E.numpy())  # fmt: skip
         W[:, i2:] -= E.T @ U[i1:i2, i2:]
-    return Q[:, torch.argsort(perm)], scales, zeros
+    scales = scales_f.T.to(scale_dtype).contiguous()
+    zeros = None if symmetric else zeros_f.T.to(torch.int8).contiguous()
+    return Qt.T[:, torch.argsort(perm)].contiguous(), scales, zeros

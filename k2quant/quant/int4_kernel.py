@@ -241,6 +241,87 @@ def _nearest(t, sc, zc, lo_q, q):
             q[j, k] = min(max(np.rint(t[j, k] / sc[k]) + zc[k], lo_q), np.float32(7.0))
 
 
+@njit(cache=True, error_model="numpy", nogil=True)
+def _scratch(gs, groups):
+    """The search's working arrays for one row of `groups` groups of gs: levels, two sets of eight
+    lane sums, each group's range, a candidate's scale and zero point, errors and the best error."""
+    return (np.empty((gs, groups), np.float32), np.empty((8, groups), np.float64), np.empty((8, groups), np.float64),
+            np.zeros(groups, np.float32), np.empty(groups, np.float32), np.empty(groups, np.float32),
+            np.zeros(groups, np.float32), np.empty(groups, np.float64), np.empty(groups, np.float64),
+            np.empty(groups, np.float64))  # fmt: skip
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def choose_scales(t, imp, ratios, refine, qmax, symmetric, scratch, best_s, best_z):
+    """Each group's scale (and zero point) for the row t laid out one group per lane (t[j, k]:
+    element j of group k), as quantize_int4 chooses it: the range (|max| symmetric, min and max
+    widened to 0 asymmetric) clipped by each ratio, rounded to bf16, kept where its weighted
+    error is lowest; with `refine` the weighted least-squares scale for the chosen levels is tried
+    too. One ratio (1.0) without `refine` is round-to-nearest. imp[j, k] weights element j of
+    group k (all ones when unweighted). Writes best_s (float32 values of bf16 scales) and best_z."""
+    gs, groups = t.shape
+    q, acc, acc2, lo, hi, sc, zc, errs, errs2, best_err = scratch
+    hb, sb = hi.view(np.uint32), sc.view(np.uint32)
+    tb = t.view(np.uint32)
+    div = np.float32(7.5) if qmax == 8 else np.float32(qmax)
+    lo_q = np.float32(-qmax) if symmetric else np.float32(-8.0)
+    search = ratios.shape[0] > 1 or refine
+    if symmetric:  # |max| as the integer maximum of the magnitude bits
+        hb[:] = 0
+        for j in range(gs):
+            for k in range(groups):
+                hb[k] = max(hb[k], tb[j, k] & np.uint32(0x7FFFFFFF))
+    else:  # min and max taken in the element order, then widened to include 0
+        lo[:] = t[0]
+        hi[:] = t[0]
+        for j in range(1, gs):
+            for k in range(groups):
+                lo[k] = min(lo[k], t[j, k])
+                hi[k] = max(hi[k], t[j, k])
+        for k in range(groups):
+            lo[k] = min(lo[k], np.float32(0.0))
+            hi[k] = max(hi[k], np.float32(0.0))
+    zc[:] = 0.0
+    best_z[:] = 0.0
+    best_err[:] = np.inf
+    for c in range(ratios.shape[0]):  # candidate scales: the range clipped by each ratio
+        ratio = ratios[c]
+        if symmetric:  # as quantize_int4: amax * ratio / 7.5 (or / 7), rounded to bf16 (x * 1.0 is x)
+            for k in range(groups):
+                sc[k] = hi[k] * ratio / div
+        else:
+            for k in range(groups):
+                sc[k] = (hi[k] * ratio - lo[k] * ratio) / np.float32(15.0)
+        _finish_scales(sb, sc)
+        if not symmetric:
+            for k in range(groups):
+                zc[k] = min(max(np.float32(-8.0) - np.rint(lo[k] * ratio / sc[k]), np.float32(-8.0)), np.float32(7.0))
+        if not search:
+            best_s[:] = sc
+            best_z[:] = zc
+            return
+        _score(t, imp, sc, zc, lo_q, acc, errs)
+        _keep_better(errs, sc, zc, best_err, best_s, best_z)
+    if refine:  # the weighted least-squares scale for the chosen levels, requantized
+        _nearest(t, best_s, zc, lo_q, q)
+        acc[:] = 0.0
+        acc2[:] = 0.0
+        for j in range(gs):
+            a, a2 = acc[j % 8], acc2[j % 8]
+            for k in range(groups):
+                wq = np.float64(q[j, k] * imp[j, k])
+                a[k] += wq * t[j, k]
+                a2[k] += wq * q[j, k]
+        _lanes_total(acc, errs)
+        _lanes_total(acc2, errs2)
+        for k in range(groups):
+            s_ls = np.float32(errs[k] / max(errs2[k], 1e-30))
+            sc[k] = s_ls if s_ls > np.float32(0.0) else best_s[k]
+        _finish_scales(sb, sc)
+        _score(t, imp, sc, zc, lo_q, acc, errs)
+        _keep_better(errs, sc, zc, best_err, best_s, best_z)
+
+
 @njit(cache=True, error_model="numpy", nogil=True, parallel=True)
 def _encode(kind, codes, bscale, bits, f32, br, bc, lut, gs, qmax, symmetric, ratios, refine, imp,
             packed, scale, zero):  # fmt: skip
@@ -248,85 +329,20 @@ def _encode(kind, codes, bscale, bits, f32, br, bc, lut, gs, qmax, symmetric, ra
     cols = packed.shape[1] * 8
     groups = cols // gs
     words = gs // 8  # int32 words per group
-    div = np.float32(7.5) if qmax == 8 else np.float32(qmax)
     lo_q = np.float32(-qmax) if symmetric else np.float32(-8.0)
-    search = ratios.shape[0] > 1 or refine
     tasks = (rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(tasks):
         g = np.empty(cols, np.float32)  # the decoded row (where it cannot be decoded in place)
         gscale = np.empty(groups, np.float32)  # each group's FP8 block scale
         t = np.empty((gs, groups), np.float32)  # the row transposed: t[j, k] is element j of group k
-        tb = t.view(np.uint32)
         q = np.empty((gs, groups), np.float32)  # levels, transposed
-        acc = np.empty((8, groups), np.float64)  # eight lane sums per group
-        acc2 = np.empty((8, groups), np.float64)
-        lo = np.zeros(groups, np.float32)  # each group's range
-        hi = np.empty(groups, np.float32)
-        hb = hi.view(np.uint32)
-        sc = np.empty(groups, np.float32)  # a candidate's scale (and its bits) and zero point
-        sb = sc.view(np.uint32)
-        zc = np.zeros(groups, np.float32)
-        errs = np.empty(groups, np.float64)
-        errs2 = np.empty(groups, np.float64)
-        best_err = np.empty(groups, np.float64)
+        scratch = _scratch(gs, groups)
         best_s = np.empty(groups, np.float32)
         bsb = best_s.view(np.uint32)
         best_z = np.zeros(groups, np.float32)
         for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
             _decode_row_t(kind, codes, bscale, bits, f32, r, br, bc, lut, g, gscale, t)
-            if symmetric:  # |max| as the integer maximum of the magnitude bits
-                hb[:] = 0
-                for j in range(gs):
-                    for k in range(groups):
-                        hb[k] = max(hb[k], tb[j, k] & np.uint32(0x7FFFFFFF))
-            else:  # min and max taken in the element order, then widened to include 0
-                lo[:] = t[0]
-                hi[:] = t[0]
-                for j in range(1, gs):
-                    for k in range(groups):
-                        lo[k] = min(lo[k], t[j, k])
-                        hi[k] = max(hi[k], t[j, k])
-                for k in range(groups):
-                    lo[k] = min(lo[k], np.float32(0.0))
-                    hi[k] = max(hi[k], np.float32(0.0))
-            best_err[:] = np.inf
-            for c in range(ratios.shape[0]):  # candidate scales: the range clipped by each ratio
-                ratio = ratios[c]
-                if symmetric:  # as quantize_int4: amax * ratio / 7.5 (or / 7), rounded to bf16 (x * 1.0 is x)
-                    for k in range(groups):
-                        sc[k] = hi[k] * ratio / div
-                else:
-                    for k in range(groups):
-                        sc[k] = (hi[k] * ratio - lo[k] * ratio) / np.float32(15.0)
-                _finish_scales(sb, sc)
-                if not symmetric:
-                    for k in range(groups):
-                        zc[k] = min(max(np.float32(-8.0) - np.rint(lo[k] * ratio / sc[k]), np.float32(-8.0)),
-                                    np.float32(7.0))  # fmt: skip
-                if not search:
-                    best_s[:] = sc
-                    best_z[:] = zc
-                    break
-                _score(t, imp, sc, zc, lo_q, acc, errs)
-                _keep_better(errs, sc, zc, best_err, best_s, best_z)
-            if refine:  # the weighted least-squares scale for the chosen levels, requantized
-                _nearest(t, best_s, zc, lo_q, q)
-                acc[:] = 0.0
-                acc2[:] = 0.0
-                for j in range(gs):
-                    a, a2 = acc[j % 8], acc2[j % 8]
-                    for k in range(groups):
-                        wq = np.float64(q[j, k] * imp[j, k])
-                        a[k] += wq * t[j, k]
-                        a2[k] += wq * q[j, k]
-                _lanes_total(acc, errs)
-                _lanes_total(acc2, errs2)
-                for k in range(groups):
-                    s_ls = np.float32(errs[k] / max(errs2[k], 1e-30))
-                    sc[k] = s_ls if s_ls > np.float32(0.0) else best_s[k]
-                _finish_scales(sb, sc)
-                _score(t, imp, sc, zc, lo_q, acc, errs)
-                _keep_better(errs, sc, zc, best_err, best_s, best_z)
+            choose_scales(t, imp, ratios, refine, qmax, symmetric, scratch, best_s, best_z)
             _nearest(t, best_s, best_z, lo_q, q)
             for k in range(groups):
                 scale[r, k] = np.uint16(bsb[k] >> np.uint32(16))
@@ -338,3 +354,36 @@ def _encode(kind, codes, bscale, bits, f32, br, bc, lut, gs, qmax, symmetric, ra
                     for i in range(8):
                         word |= np.uint32(np.int32(q[w * 8 + i, k]) + 8) << np.uint32(4 * i)
                     prow[k * words + w] = np.int32(word)
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def gptq_block(W1, U1, orig, diag, gs, qmax, symmetric, ratios, choose, scales, zeros, Qt, E):
+    """One block of GPTQ's column loop (quant/gptq.py), columns as rows: W1[i] is column orig[i] of
+    the weight over its rows (updated in place), U1 the block's part of the inverse Hessian's
+    upper Cholesky factor. For each column: when `choose` and a group starts there, the group's
+    scales from the updated weights W1[i : i + gs] (choose_scales, importance = the Hessian
+    diagonal `diag`); then the levels (scales[g], zeros[g]: group g's per-row scale and zero
+    point, float32), the error divided by the pivot into E[i], and that error pushed onto the
+    block's later columns. The same float32 operations, in the same order, as the torch loop."""
+    cols, rows = W1.shape
+    lo_q = np.float32(-qmax) if symmetric else np.float32(-8.0)
+    scratch = _scratch(gs, rows)
+    imp = np.empty((gs, rows), np.float32)
+    for i in range(cols):
+        c = orig[i]
+        g = c // gs
+        if choose and c % gs == 0:
+            for j in range(gs):
+                imp[j, :] = np.float32(diag[c + j])
+            choose_scales(W1[i : i + gs], imp, ratios, symmetric, qmax, symmetric, scratch, scales[g], zeros[g])
+        s, z, x, e, d = scales[g], zeros[g], W1[i], E[i], U1[i, i]
+        qt = Qt[i]
+        for k in range(rows):
+            q = min(max(np.rint(x[k] / s[k]) + z[k], lo_q), np.float32(7.0))
+            qt[k] = np.int8(q)
+            e[k] = (x[k] - (q - z[k]) * s[k]) / d
+        for j in range(i, cols):
+            u = U1[i, j]
+            wj = W1[j]
+            for k in range(rows):
+                wj[k] -= u * e[k]
