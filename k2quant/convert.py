@@ -14,16 +14,12 @@ naming the file) never looks complete. Output bytes depend only on the inputs.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import queue
 import shutil
-import signal
 import time
-from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -38,20 +34,26 @@ from k2quant.formats.packed import quantization_config
 from k2quant.formats.safetensors_file import DTYPE_NAMES, DTYPES, SafetensorsFile, SafetensorsWriter
 
 from .checkpoint import INDEX_FILE, Checkpoint, LogicalTensor, open_checkpoint
-from .errors import CheckpointError, K2QuantError
+from .errors import CheckpointError
 from .gptq_stream import GPTQ_MIN_TOKENS, SPOOL, SpoolReader, run_gptq_stream, spooled_fallbacks
 from .gptq_stream import module_of as _module
-from .manifest import JOURNAL, MANIFEST, SUMMARY, FileEntry, hash_file, seal
+from .manifest import MANIFEST, SUMMARY, FileEntry, hash_file, seal
 from .names import parse_name
+from .pipeline import (
+    ConvertError,
+    fingerprint_of,
+    pin_imatrix,
+    prepare_out,
+    record,
+    settings_of,
+    size_totals,
+    worker_pool,
+)
 from .quant.int4_kernel import set_threads as set_kernel_threads
 from .quant.schemes import Scheme, parse_scheme
 from .recipe import LINEAR_COMPONENTS, Recipe, RecipeError
 
 FORMAT_VERSION = 1
-
-
-class ConvertError(K2QuantError):
-    pass
 
 
 @dataclass
@@ -103,25 +105,11 @@ class Plan:
         return plan
 
     def fingerprint(self) -> str:
-        return fingerprint_of(self.pinned())
+        return fingerprint_of(self.pinned(), FORMAT_VERSION)
 
     @property
     def tensors(self) -> list[PlannedTensor]:
         return [t for s in self.shards for t in s.tensors]
-
-
-def fingerprint_of(pinned: dict, version: int = FORMAT_VERSION) -> str:
-    return hashlib.sha256(json.dumps({"v": version, "plan": pinned}, sort_keys=True).encode()).hexdigest()
-
-
-def settings_of(pinned: dict) -> dict[str, str]:
-    """A plan's pinned fields one by one, kept in the journal so that a refused --resume can name what
-    changed: a short field as its JSON, a long one (the recipe, the shards) as a digest."""
-    out = {}
-    for k, v in sorted(pinned.items()):
-        text = json.dumps(v, sort_keys=True)
-        out[k] = text if len(text) <= 80 else "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
-    return out
 
 
 # ---------------------------------------------------------------------------- planning
@@ -316,124 +304,6 @@ class _HessianGPTQ:
             raise CheckpointError(str(e), file=self.path, tensor=module + ".hessian") from None
 
 
-def _worker_start(initializer, initargs: tuple) -> None:
-    """In each worker: SIGINT is the parent's to handle (Ctrl-C reaches the whole process group; the
-    parent stops the workers and prints the resume command), then the pool's own initializer."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if initializer is not None:
-        initializer(*initargs)
-
-
-@contextmanager
-def worker_pool(workers: int, initializer=None, initargs: tuple = ()) -> Iterator[ProcessPoolExecutor]:
-    """A pool of `workers` spawned processes. When the run is interrupted (SIGINT / SIGTERM reach this
-    process as KeyboardInterrupt, k2quant/cli.py) or fails, the pool's workers are terminated at once
-    rather than waited for: a shard in flight is only a .tmp file, and --resume does it again."""
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_start,
-                               initargs=(initializer, initargs))  # fmt: skip
-    try:
-        yield pool
-    except BaseException:
-        procs = list((pool._processes or {}).values())  # the pool's own workers (CPython keeps them there)
-        pool.shutdown(wait=False, cancel_futures=True)
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.join(timeout=10)
-        raise
-    pool.shutdown(wait=True)
-
-
-def _prepare_out(out: Path, fingerprint: str, resume: bool, settings: dict[str, str] | None = None
-                 ) -> dict[str, FileEntry]:  # fmt: skip
-    """Check the output directory; return the journal's finished shards (file -> size and sha256).
-
-    A shard whose size differs from the journal's is done again; one from a journal written
-    before the journal kept hashes (size only) is hashed here, once. `settings` (settings_of)
-    go into a new journal; a resume whose fingerprint differs names the settings that changed."""
-    journal = out / JOURNAL
-    if out.exists() and not out.is_dir():
-        raise ConvertError(f"{out}: exists and is not a directory")
-    entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    if journal.exists():
-        if not resume:
-            raise ConvertError(f"{out}: holds an unfinished conversion; pass --resume to finish it")
-        data = _read_journal(journal)
-        if data.get("fingerprint") != fingerprint:
-            named = _changed_settings(data.get("settings") or {}, settings or {})
-            raise ConvertError(f"{out}: the unfinished conversion there used other inputs or settings"
-                               f"{f' ({named})' if named else ''}; run again with them, or start again in an "
-                               "empty directory")  # fmt: skip
-        done = {}
-        for f, e in data.get("done", {}).items():
-            size, sha = (e, None) if isinstance(e, int) else (e["size"], e.get("sha256"))
-            try:
-                found = (out / f).is_file() and (out / f).stat().st_size == size
-            except OSError:  # a name too long for the file system: not a finished shard
-                found = False
-            if found:
-                done[f] = FileEntry(f, size, sha or hash_file(out / f))
-        for p in out.glob("*.tmp"):
-            p.unlink()
-        return done
-    if entries:
-        if (out / SUMMARY).exists() or (out / MANIFEST).exists():
-            raise ConvertError(f"{out}: already holds a finished conversion")
-        raise ConvertError(f"{out}: is not empty and was not created by k2quant convert")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(journal, {"fingerprint": fingerprint, "settings": settings or {}, "done": {}})
-    return {}
-
-
-def _changed_settings(old: dict[str, str], new: dict[str, str]) -> str:
-    """The settings (settings_of) that differ: a short one with both values, a digested one by name."""
-    if not old:
-        return "its journal, from an older k2quant, does not say which"
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    digested = lambda v: v is not None and v.startswith("sha256:")  # noqa: E731
-    return "; ".join(k if digested(old.get(k)) or digested(new.get(k)) else f"{k}: {old.get(k)} then, {new.get(k)} now"
-                     for k in changed)  # fmt: skip
-
-
-def _read_journal(journal: Path) -> dict:
-    """An unfinished conversion's journal, checked: {"fingerprint": ..., "done": {file name: {"size": int,
-    "sha256": str} or a size}}. Anything else (a write cut short, an edit) is a ConvertError naming it."""
-
-    def bad(why: str) -> ConvertError:
-        return ConvertError(f"{journal}: not a k2quant convert journal ({why}); start again in an empty directory")
-
-    try:
-        data = json.loads(journal.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, an int of 5000 digits
-        raise bad(str(e)) from None
-    done = data.get("done", {}) if isinstance(data, dict) else None
-    if not isinstance(done, dict):
-        raise bad("not an object with a 'done' object")
-    settings = data.get("settings", {})
-    if not (isinstance(settings, dict) and all(isinstance(v, str) for v in settings.values())):
-        raise bad("'settings' is not an object of strings")
-    for f, e in done.items():
-        size = e if isinstance(e, int) else e.get("size") if isinstance(e, dict) else None
-        sha = e.get("sha256") if isinstance(e, dict) else None
-        if Path(f).name != f or f in (".", ".."):  # a file of the output directory, never a path out of it
-            raise bad(f"shard {f!r} is not a file name")
-        if type(size) is not int or size < 0 or not isinstance(sha, str | None):
-            raise bad(f"shard {f!r}: expected a size and a sha256")
-    return data
-
-
-def pin_imatrix(plan, imatrix: str | Path | None) -> None:
-    """Validate the importance file before any work and fold its content into the plan's fingerprint."""
-    if imatrix is None:
-        return
-    imatrix = Path(imatrix)
-    if not imatrix.is_file():
-        raise ConvertError(f"{imatrix}: importance file not found")
-    read_imatrix(imatrix, set())
-    plan.imatrix = str(imatrix.resolve())
-    plan.imatrix_sha256 = hash_file(imatrix)
-
-
 def _plan_gptq(plan: Plan, hessians: Path) -> None:
     """Pin the Hessians file and decide, before any work, which INT4 modules fall back."""
     have = {k.removesuffix(".hessian") for k in SafetensorsFile(hessians).keys()}
@@ -443,11 +313,6 @@ def _plan_gptq(plan: Plan, hessians: Path) -> None:
     plan.hessians_sha256 = hash_file(hessians)
     thin = {m for m in modules if counts.get(m, GPTQ_MIN_TOKENS) < GPTQ_MIN_TOKENS}
     plan.gptq_fallbacks = sorted(m for m in modules if m not in have or m in thin)
-
-
-def _record(out: Path, fingerprint: str, done: dict[str, FileEntry], settings: dict[str, str] | None = None) -> None:
-    files = {f: {"size": e.size, "sha256": e.sha256} for f, e in sorted(done.items())}
-    write_json(out / JOURNAL, {"fingerprint": fingerprint, "settings": settings or {}, "done": files})
 
 
 def convert(
@@ -502,8 +367,8 @@ def convert(
     elif method.startswith("gptq"):
         _plan_gptq(plan, Path(hessians))
     pinned = plan.pinned()
-    fp, settings = fingerprint_of(pinned), settings_of(pinned)
-    done = _prepare_out(out, fp, resume, settings)
+    fp, settings = fingerprint_of(pinned, FORMAT_VERSION), settings_of(pinned)
+    done = prepare_out(out, fp, resume, settings)
     todo = [s for s in plan.shards if s.file not in done]
     spool = None
     if streamed:
@@ -520,7 +385,7 @@ def convert(
             r = convert_shard(str(src), str(out), asdict(s), method, q, imatrix=plan.imatrix, hessians=plan.hessians,
                               fallbacks=tuple(plan.gptq_fallbacks), spool=spool and str(spool))  # fmt: skip
             done[r["file"]] = FileEntry(r["file"], r["bytes"], r["sha256"])
-            _record(out, fp, done, settings)
+            record(out, fp, done, settings)
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         with get_context("spawn").Manager() as manager, worker_pool(workers) as pool:
@@ -551,7 +416,7 @@ def convert(
                     pending.discard(f)
                     r = f.result()  # re-raises a worker's error
                     done[r["file"]] = FileEntry(r["file"], r["bytes"], r["sha256"])
-                    _record(out, fp, done, settings)
+                    record(out, fp, done, settings)
             while not q.empty():
                 bar.update(q.get())
     bar.close()
@@ -596,31 +461,6 @@ def _finish(ck: Checkpoint, plan: Plan, out: Path, transformers_config: bool, se
     written.append(write_json(out / INDEX_FILE, index))
     seal(out, [done[s.file] for s in plan.shards] + [FileEntry.of(w, out) for w in written], summary)
     return summary
-
-
-def size_totals(rows: list[tuple[str, str, int, int, int]], seconds: float) -> dict:
-    """Summary numbers from (component, scheme or type, params, bytes, source bytes) per output tensor:
-    totals, bits per weight overall and by component, throughput. Shared by both output formats."""
-    comps: dict[str, dict] = {}
-    for comp, scheme, params, nbytes, _ in rows:
-        c = comps.setdefault(comp, {"params": 0, "bytes": 0, "schemes": {}})
-        c["params"] += params
-        c["bytes"] += nbytes
-        c["schemes"][scheme] = c["schemes"].get(scheme, 0) + params
-    for c in comps.values():
-        c["bits_per_weight"] = round(8 * c["bytes"] / c["params"], 3)
-    params = sum(r[2] for r in rows)
-    size = sum(r[3] for r in rows)
-    src = sum(r[4] for r in rows)
-    return {
-        "params": params,
-        "source_bytes": src,
-        "bytes": size,
-        "bits_per_weight": round(8 * size / params, 3),
-        "components": comps,
-        "seconds": round(seconds, 2),
-        "source_gb_per_s": round(src / max(seconds, 1e-9) / 1e9, 4),
-    }
 
 
 def _summary(plan: Plan, out: Path, seconds: float) -> dict:

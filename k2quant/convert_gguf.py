@@ -30,18 +30,18 @@ from k2quant.formats.hashed import HashingFile
 from k2quant.formats.imatrix import read_imatrix_gguf
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .convert import (
+from .manifest import FileEntry, seal
+from .names import parse_name
+from .pipeline import (
     ConvertError,
-    _prepare_out,
-    _record,
     fingerprint_of,
     pin_imatrix,
+    prepare_out,
+    record,
     settings_of,
     size_totals,
     worker_pool,
 )
-from .manifest import FileEntry, seal
-from .names import parse_name
 from .quant import ggml
 from .recipe import K2_GGUF_MIXES, LLAMA_FTYPES, Recipe
 
@@ -330,7 +330,7 @@ def convert_gguf(
     pin_imatrix(plan, imatrix)
     pinned = plan.pinned()
     fp, settings = fingerprint_of(pinned, FORMAT_VERSION), settings_of(pinned)
-    done = _prepare_out(out, fp, resume, settings)
+    done = prepare_out(out, fp, resume, settings)
     names = plan.file_names()
     tnames = {t.name for t in plan.tensors}
     total = sum(t.source_bytes for t in plan.tensors)
@@ -342,12 +342,12 @@ def convert_gguf(
         _setup(str(src), plan.imatrix, tnames, method)
         for i in todo:
             done[names[i]] = _write_file(ck, plan, i, out, lambda tasks: map(_run, tasks), bar)
-            _record(out, fp, done, settings)
+            record(out, fp, done, settings)
     else:
         with worker_pool(workers, _setup, (str(src), plan.imatrix, tnames, method, 1)) as pool:
             for i in todo:
                 done[names[i]] = _write_file(ck, plan, i, out, lambda tasks: pool.map(_run, tasks), bar)
-                _record(out, fp, done, settings)
+                record(out, fp, done, settings)
     _STATE.clear()
     bar.close()
     summary = {**_summary(plan, out, time.time() - t0), **(extra_summary or {})}

@@ -555,12 +555,12 @@ def read_hotness(d: Path) -> str:
 
 
 def read_journal(d: Path) -> str:
-    from k2quant.convert import ConvertError, _prepare_out
+    from k2quant.pipeline import ConvertError, prepare_out
 
     with contextlib.suppress(ConvertError):  # without --resume: refused whatever the journal holds
-        _prepare_out(d / "out", FINGERPRINT, False)
+        prepare_out(d / "out", FINGERPRINT, False)
         raise AssertionError("a directory with a journal taken for a fresh conversion")
-    done = _prepare_out(d / "out", FINGERPRINT, True)
+    done = prepare_out(d / "out", FINGERPRINT, True)
     outside = [f for f in done if Path(f).name != f or f in (".", "..")]
     assert not outside, f"shards outside the output directory taken as done: {outside}"
     return f"{len(done)} shards done"
@@ -663,7 +663,7 @@ READERS = {r.name: r for r in [
     Reader("hotness", "hotness", {"calib/hotness.json": "json"}, read_hotness,
            "hotness.json: runner.placement.load_hotness, plan.read_calib"),
     Reader("journal", "journal", {"out/.k2quant-convert.journal.json": "json"}, read_journal,
-           "the convert journal: convert._prepare_out with and without --resume", "out"),
+           "the convert journal: pipeline.prepare_out with and without --resume", "out"),
     Reader("calibrate-state", "calibrate-state",
            {"out/.k2quant-calibrate/state.json": "json", "out/.k2quant-calibrate/layer-000.safetensors": "safetensors",
             "out/.k2quant-calibrate/layer-001.safetensors": "safetensors",

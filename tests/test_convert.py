@@ -18,7 +18,8 @@ from click.testing import CliRunner
 
 from k2quant import K2QuantError, open_checkpoint, open_model
 from k2quant.cli import main
-from k2quant.convert import JOURNAL, convert
+from k2quant.convert import convert
+from k2quant.manifest import JOURNAL
 from k2quant.recipe import build_recipe
 from k2quant.synthetic import k2_config_dict, write_synthetic_checkpoint
 
