@@ -68,15 +68,30 @@ def source_key(root: Path, shards: list[Path]) -> str:
     return h.hexdigest()
 
 
-def run_key(source: str, sequences: torch.Tensor, options: dict[str, object]) -> dict[str, object]:
-    """What a calibration state was made from: field name -> value (compared one by one on resume).
-    torch's version and thread count are in it: its float sums may differ with either, and a resume
-    must give the bytes an uninterrupted run gives."""
+def run_key(sources: dict[str, str], sequences: torch.Tensor, options: dict[str, object]) -> dict[str, object]:
+    """What a resumable state was made from: field name -> value (compared one by one on resume by
+    `key_difference`). `sources`: each input model's digest by field name (source_key). torch's version
+    and thread count are in it: its float sums may differ with either, and a resume must give the
+    bytes an uninterrupted run gives. Used by calibrate and by diff (report/diff_state.py)."""
     return {"k2quant": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(), **options,
-            "source": source, "tokens_digest": _sha256(sequences.contiguous().numpy().tobytes())}  # fmt: skip
+            **sources, "tokens_digest": _sha256(sequences.contiguous().numpy().tobytes())}  # fmt: skip
 
 
-_FIELD_NAMES = {"k2quant": "the k2quant version", "torch": "the torch version", "threads": "torch's thread count",
+RUN_FIELDS = {"k2quant": "the k2quant version", "torch": "the torch version", "threads": "torch's thread count"}
+
+
+def key_difference(saved: dict, now: dict, names: dict[str, str], digests: tuple[str, ...]) -> str | None:
+    """The first field in which a saved run key and this run's differ, as a refusal names it: its
+    description in `names` (else the option, `--name`), with both values unless it is a digest; None
+    when they agree."""
+    for name in dict.fromkeys([*now, *saved]):
+        if saved.get(name) != now.get(name):
+            what = names.get(name, f"--{name.replace('_', '-')}")
+            return what if name in digests else f"{what} ({saved.get(name)!r} then, {now.get(name)!r} now)"
+    return None
+
+
+_FIELD_NAMES = {**RUN_FIELDS,
                 "source": "its source checkpoint (config.json, the tokenizer's files, a shard's size or header)",
                 "tokens_digest": "its calibration tokens (the --data text)"}  # fmt: skip
 
@@ -155,15 +170,12 @@ class CalibrationState:
         return state
 
     def _check_key(self, saved: dict, path: Path) -> None:
-        for name in dict.fromkeys([*self.key, *saved]):
-            if saved.get(name) != self.key.get(name):
-                what = _FIELD_NAMES.get(name, f"--{name.replace('_', '-')}")
-                then, now = saved.get(name), self.key.get(name)
-                shown = "" if name in ("source", "tokens_digest") else f" ({then!r} then, {now!r} now)"
-                raise CalibrationStateError(
-                    f"{self.dir.parent}: the unfinished calibration there ({path}) differs from this run in {what}"
-                    f"{shown}; run again with its inputs and options, or delete {self.dir} to start over"
-                )
+        what = key_difference(saved, self.key, _FIELD_NAMES, ("source", "tokens_digest"))
+        if what is not None:
+            raise CalibrationStateError(
+                f"{self.dir.parent}: the unfinished calibration there ({path}) differs from this run in {what}; "
+                f"run again with its inputs and options, or delete {self.dir} to start over"
+            )
 
     def _open_file(self, name: str) -> SafetensorsFile:
         """A state file, checked against the sha256 state.json recorded when it was written."""

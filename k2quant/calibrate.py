@@ -69,8 +69,9 @@ def calibrate(
     hidden = [(min(batch, n - i), ctx, ck.config.hidden_size) for i in range(0, n, batch)]
     options = {"tokens": tokens, "ctx": ctx, "min_expert_tokens": min_expert_tokens, "batch": batch, "hessian": hessian,
                "data": [str(p) for p in data] if data else None}  # fmt: skip
-    state = CalibrationState(out, run_key(source_key(src, ck.shards), seqs, options), ck.config.num_hidden_layers,
-                             ck.config.n_routed_experts, hidden, set(ck.config.moe_layers))  # fmt: skip
+    key = run_key({"source": source_key(src, ck.shards)}, seqs, options)
+    state = CalibrationState(out, key, ck.config.num_hidden_layers, ck.config.n_routed_experts, hidden,
+                             set(ck.config.moe_layers))  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     resumed = state.open(resume)
     (out / "calibration.json").unlink(missing_ok=True)  # written last: until then OUT holds no finished calibration

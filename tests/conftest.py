@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,17 @@ def assert_peak_rss_independent_of_size(two_sizes: list[Path], script: str, tmp:
     assert sizes[1] > 4 * sizes[0]
     assert peaks[1] - peaks[0] < 0.25 * (sizes[1] - sizes[0]), (peaks, sizes)
     return peaks
+
+
+def wait_for_state(proc, state: Path, field: str, n: int, what: str) -> None:
+    """Until a resumable run's state file (`state`, JSON) says `field` >= n, while `proc` runs (n = 0:
+    until the state exists); fails naming `what` when the run ends or stalls first."""
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(state.read_text())[field] >= n:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"{what} ended or stalled before {n} were done: {proc.communicate()}")

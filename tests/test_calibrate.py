@@ -9,7 +9,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 
 import gguf
 import torch
@@ -21,6 +20,8 @@ from k2quant.calib.resume import STATE_DIR, CalibrationState
 from k2quant.cli import main
 from k2quant.formats.imatrix import importance, read_imatrix
 from k2quant.model import K2Model, open_model
+
+from .conftest import wait_for_state
 
 
 def _model(path) -> K2Model:
@@ -165,16 +166,7 @@ def _calibrate_proc(src, out, *extra):
 
 def _wait_for_layers(proc, out, n: int) -> None:
     """Until the run's state says n layers are done (n = 0: until the state exists, mid layer 0)."""
-    state = out / STATE_DIR / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(state.read_text())["layers_done"] >= n:
-                return
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.01)
-    raise AssertionError(f"calibration ended or stalled before {n} layers were done: {proc.communicate()}")
+    wait_for_state(proc, out / STATE_DIR / "state.json", "layers_done", n, "calibration's layers")
 
 
 def test_killed_anywhere_then_resumed_is_byte_identical(mini_k2, tmp_path):

@@ -10,7 +10,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from k2quant.report.diff_state import STATE_DIR as DIFF_STATE_DIR
 from k2quant.report.metrics import summarize, token_quantities
 from k2quant.synthetic import k2_config_dict, write_synthetic_checkpoint
 
-from .conftest import SMALL, assert_peak_rss_independent_of_size
+from .conftest import SMALL, assert_peak_rss_independent_of_size, wait_for_state
 
 
 def _direct(ref: np.ndarray, cand: np.ndarray, tgt: np.ndarray) -> dict:
@@ -171,16 +170,7 @@ def _diff_proc(ref, cand, data, out, *extra):
 
 
 def _wait_for_batches(proc, out, n: int) -> None:
-    state = out / DIFF_STATE_DIR / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(state.read_text())["batches_done"] >= n:
-                return
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.01)
-    raise AssertionError(f"diff ended or stalled before {n} batches were done: {proc.communicate()}")
+    wait_for_state(proc, out / DIFF_STATE_DIR / "state.json", "batches_done", n, "the diff's batches")
 
 
 def test_diff_killed_then_resumed_is_byte_identical(mini_k2, heldout_file, tmp_path):

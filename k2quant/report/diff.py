@@ -27,7 +27,7 @@ from ..checkpoint import open_checkpoint
 from ..errors import K2QuantError
 from ..model import K2Model, open_model
 from ..names import parse_name
-from .diff_state import DiffProgress, DiffState, run_key
+from .diff_state import DiffProgress, DiffState, diff_key
 from .metrics import summarize, token_quantities
 from .render import write_report
 
@@ -135,7 +135,7 @@ def run_diff(
     batches = (n_chunks + batch - 1) // batch
     state = None
     if out is not None:
-        key = run_key(Path(ref_path), Path(cand_path), x_all, {"ctx": ctx, "chunks": n_chunks, "batch": batch})
+        key = diff_key(Path(ref_path), Path(cand_path), x_all, {"ctx": ctx, "chunks": n_chunks, "batch": batch})
         state = DiffState(Path(out), key, L, c.n_routed_experts, batches)
         p = state.open(resume)
     else:

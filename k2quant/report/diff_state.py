@@ -22,7 +22,6 @@ one raises DiffStateError naming it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -30,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-from k2quant import __version__
-from k2quant.calib.resume import source_key
+from k2quant.calib.resume import RUN_FIELDS, key_difference, run_key, source_key
 from k2quant.errors import K2QuantError
 from k2quant.formats.hashed import atomic_write
 from k2quant.formats.safetensors_file import SafetensorsFile, write_tensors
@@ -74,15 +72,12 @@ def model_key(path: Path) -> str:
     return source_key(path.parent, [path])
 
 
-def run_key(ref: Path, cand: Path, tokens: torch.Tensor, options: dict[str, object]) -> dict[str, object]:
-    """What a diff state was made from: field -> value, compared one by one on resume. torch's version
-    and thread count are in it: its float sums may differ with either."""
-    digest = hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
-    return {"k2quant": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(), **options,
-            "reference": model_key(ref), "candidate": model_key(cand), "tokens_digest": digest}  # fmt: skip
+def diff_key(ref: Path, cand: Path, tokens: torch.Tensor, options: dict[str, object]) -> dict[str, object]:
+    """What a diff state was made from (calib.resume.run_key with both models' digests)."""
+    return run_key({"reference": model_key(ref), "candidate": model_key(cand)}, tokens, options)
 
 
-_FIELD_NAMES = {"k2quant": "the k2quant version", "torch": "the torch version", "threads": "torch's thread count",
+_FIELD_NAMES = {**RUN_FIELDS,
                 "reference": "its reference model (config, tokenizer or a shard's size or header)",
                 "candidate": "its candidate model (config, tokenizer or a file's size or header)",
                 "tokens_digest": "its evaluation tokens (the --data files)"}  # fmt: skip
@@ -140,14 +135,12 @@ class DiffState:
         return state
 
     def _check_key(self, saved: dict, path: Path) -> None:
-        for name in dict.fromkeys([*self.key, *saved]):
-            if saved.get(name) != self.key.get(name):
-                what = _FIELD_NAMES.get(name, f"--{name.replace('_', '-')}")
-                then, now = saved.get(name), self.key.get(name)
-                shown = "" if name in ("reference", "candidate", "tokens_digest") else f" ({then!r} then, {now!r} now)"
-                raise DiffStateError(f"{self.dir.parent}: the unfinished diff there ({path}) differs from this run in "
-                                     f"{what}{shown}; run again with its inputs and options, or delete {self.dir} "
-                                     "to start over")  # fmt: skip
+        what = key_difference(saved, self.key, _FIELD_NAMES, ("reference", "candidate", "tokens_digest"))
+        if what is not None:
+            raise DiffStateError(
+                f"{self.dir.parent}: the unfinished diff there ({path}) differs from this run in "
+                f"{what}; run again with its inputs and options, or delete {self.dir} to start over"
+            )
 
     def _read_progress(self, done: int) -> DiffProgress:
         name, sha = self.file
