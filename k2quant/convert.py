@@ -1,4 +1,4 @@
-"""The streaming conversion pipeline: plan, then shard by shard, resumable.
+"""`convert --to safetensors`: stream a checkpoint into compressed-tensors safetensors, shard by shard.
 
 Every output tensor (name, scheme, dtype, shape, bytes, file) is planned before anything
 is written; the plan's fingerprint guards `--resume`. Output shard i holds what source
@@ -8,7 +8,8 @@ renamed when complete; a journal records finished shards (size and sha256); conf
 the small files, the index, the summary and, last, the manifest (manifest.py: every
 file's size and sha256, hashed while it was written) are written only when every shard is
 done, so an interrupted or failed conversion (a full disk included: one DiskFullError
-naming the file) never looks complete. Output bytes depend only on the inputs.
+naming the file) never looks complete. Output bytes depend only on the inputs. The output
+directory's lifecycle (refusal, journal, resume, workers) is pipeline.py's, shared with GGUF.
 """
 
 from __future__ import annotations
