@@ -8,9 +8,12 @@ half of the experts gets a correction bias that makes it take about 70% of the r
 (token, expert) pairs (measured on random hidden states and printed). From that one
 source:
 
-  * k2quant: `convert --preset k2-int4` with INT4 g32 routed experts (4.5 bits per weight)
-    and attention, shared expert, dense MLP in BF16 (the CPU has no fast FP8-block kernel
-    in k2quant yet), run by the runner's fast path (torch int4pack + bf16);
+  * k2quant: `convert --preset k2-int4` with INT4 g32 routed experts (4.5 bits per weight),
+    attention, shared expert and dense MLP FP8 as released (8 bits + a float32 scale per
+    128x128 block), run by the runner's fast path (torch int4pack for the experts, k2quant's
+    FP8 matvec from the codes for the rest); and, for comparison, the same with attention,
+    shared expert and dense MLP in BF16 (`k2-int4:self_attn.|shared_experts.|layers.0.mlp.=bf16`:
+    torch's bf16 F.linear), the only fast CPU form before the FP8 kernel;
   * llama.cpp: `convert --to gguf` with experts Q4_0 (4.5 bits per weight) and the rest
     Q8_0, run by llama-bench built from the installed llama-cpp-python's llama.cpp source,
     with its extra (repacked) buffer types on (its default; this machine has no AMX, where
@@ -143,11 +146,12 @@ def main() -> None:
     skew = json.loads(marker.read_text())
     print(f"source {src}: {a.moe_layers} MoE layers x {a.experts} experts at K2 dimensions; hot half of the experts "
           f"takes {', '.join(f'{100 * v:.0f}%' for v in skew.values())} of the routed pairs", flush=True)  # fmt: skip
-    ours = root / "k2quant-int4"
-    if not (ours / MANIFEST).exists():  # an output without its manifest is unfinished: made again
-        shutil.rmtree(ours, ignore_errors=True)
-        convert(src, ours, build_recipe("k2-int4", overrides=[r"self_attn\.|shared_experts\.|layers\.0\.mlp\.=bf16"]),
-                method="rtn", progress=False)  # fmt: skip
+    bf16 = r"self_attn\.|shared_experts\.|layers\.0\.mlp\.=bf16"
+    variants = {"FP8 as released": ("k2quant-int4-fp8", []), "attention BF16": ("k2quant-int4", [bf16])}
+    for out, overrides in variants.values():
+        if not (root / out / MANIFEST).exists():  # an output without its manifest is unfinished: made again
+            shutil.rmtree(root / out, ignore_errors=True)
+            convert(src, root / out, build_recipe("k2-int4", overrides=overrides), method="rtn", progress=False)
     gdir = root / "llama-gguf"
     if not (gdir / MANIFEST).exists():
         shutil.rmtree(gdir, ignore_errors=True)
@@ -164,11 +168,13 @@ def main() -> None:
     emb_b = gck.info("model.embed_tokens.weight").stored_bytes / c.vocab_size
     llama_bpt = dense_b + emb_b + a.moe_layers * c.num_experts_per_tok * expert_b
     print(f"RAM read bandwidth {bw / 1e9:.1f} GB/s ({a.threads} threads, the runner's method)", flush=True)
-    r = subprocess.run([sys.executable, "-c", K2QUANT, str(ours), str(a.threads), str(a.depth), str(bw)],
-                       capture_output=True, text=True)  # fmt: skip
-    if r.returncode:
-        raise SystemExit(f"k2quant run failed:\n{r.stderr[-3000:]}")
-    k = json.loads(r.stdout.splitlines()[-1])
+    ks = {}
+    for name, (out, _) in variants.items():
+        r = subprocess.run([sys.executable, "-c", K2QUANT, str(root / out), str(a.threads), str(a.depth), str(bw)],
+                           capture_output=True, text=True)  # fmt: skip
+        if r.returncode:
+            raise SystemExit(f"k2quant run ({name}) failed:\n{r.stderr[-3000:]}")
+        ks[name] = json.loads(r.stdout.splitlines()[-1])
     if a.llama_from:
         lr = json.loads(Path(a.llama_from).read_text())["llama.cpp"]
         print(f"llama.cpp: numbers reused from {a.llama_from} (an earlier run of this bench), not measured now")
@@ -178,23 +184,26 @@ def main() -> None:
               "repack off (--repack 0)": llama_bench(exe, gguf, a.threads, a.depth, False)}  # fmt: skip
     best = max(lr, key=lambda n: lr[n]["tg128"])
     lb = lr[best]
-    print(f"\n{a.threads} threads, CPU only; llama.cpp's faster configuration: {best}")
-    print(f"{'':28}{'k2quant run':>14}{'llama.cpp':>12}{'ratio':>8}")
+    print(f"\n{a.threads} threads, CPU only; llama.cpp's faster configuration: {best}; tokens/s (ratio to llama.cpp)")
+    print(f"{'':28}" + "".join(f"{'k2quant, ' + n:>30}" for n in ks) + f"{'llama.cpp':>12}")
     for key, label in (("pp512", "prefill 512, depth 0"), ("tg128", "decode 128, depth 0"),
                        ("pp512_at_depth", f"prefill 512, depth {a.depth}"),
                        ("tg128_at_depth", f"decode 128, depth {a.depth}")):  # fmt: skip
-        print(f"{label:<28}{k[key]:>14.2f}{lb[key]:>12.2f}{k[key] / lb[key]:>8.2f}")
+        cells = "".join(f"{f'{k[key]:.2f} ({k[key] / lb[key]:.2f}x)':>30}" for k in ks.values())
+        print(f"{label:<28}{cells}{lb[key]:>12.2f}")
     for name, res in lr.items():
         print(f"  llama.cpp {name}: " + ", ".join(f"{key} {v:.2f}" for key, v in res.items()))
-    kb = k["bytes_per_token"]
-    print(f"bytes read per decoded token: k2quant {kb / 1e9:.3f} GB, llama.cpp {llama_bpt / 1e9:.3f} GB")
-    print(f"decode vs the bandwidth bound ({bw / 1e9:.1f} GB/s): k2quant {k['tg128'] * kb / bw:.2f}, "
-          f"llama.cpp {lb['tg128'] * llama_bpt / bw:.2f} of the bound")  # fmt: skip
-    print(f"k2quant peak RSS {k['peak_rss'] / 1e9:.2f} GB for {k['packed_cpu_bytes'] / 1e9:.2f} GB packed + "
-          f"{k['kv_cache_bytes'] / 1e9:.3f} GB KV cache "
-          f"({k['peak_rss'] / k['packed_cpu_bytes']:.2f}x the packed bytes)")  # fmt: skip
+    print(f"decode vs the bandwidth bound ({bw / 1e9:.1f} GB/s), bytes read per decoded token:")
+    for name, k in ks.items():
+        kb = k["bytes_per_token"]
+        print(f"  k2quant, {name}: {kb / 1e9:.3f} GB, {k['tg128'] * kb / bw:.2f} of the bound")
+    print(f"  llama.cpp: {llama_bpt / 1e9:.3f} GB, {lb['tg128'] * llama_bpt / bw:.2f} of the bound")
+    for name, k in ks.items():
+        print(f"k2quant, {name}: peak RSS {k['peak_rss'] / 1e9:.2f} GB for {k['packed_cpu_bytes'] / 1e9:.2f} GB packed"
+              f" + {k['kv_cache_bytes'] / 1e9:.3f} GB KV cache ({k['peak_rss'] / k['packed_cpu_bytes']:.2f}x the "
+              "packed bytes)")  # fmt: skip
     if a.json:
-        Path(a.json).write_text(json.dumps({"k2quant": k, "llama.cpp": lr, "bandwidth": bw, "skew": skew,
+        Path(a.json).write_text(json.dumps({"k2quant": ks, "llama.cpp": lr, "bandwidth": bw, "skew": skew,
                                             "llama_bytes_per_token": llama_bpt}, indent=1))  # fmt: skip
 
 

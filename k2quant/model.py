@@ -74,6 +74,32 @@ class RoutedExperts:
 
 
 # ---------------------------------------------------------------------------- weights
+class HeadProducts(Protocol):
+    """Absorbed attention's two products with kv_b_proj, per head (Weights.heads)."""
+
+    def keys(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope [b, H, t, nope] through W_kb: [b, H, t, L]."""
+        ...
+
+    def values(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """o_lat [b, H, t, L] back through W_vb: [b, H, t, v]."""
+        ...
+
+
+@dataclass
+class DenseHeads:
+    """W_kb [H, nope, L] and W_vb [H, v, L] as tensors: two batched matmuls."""
+
+    w_kb: torch.Tensor
+    w_vb: torch.Tensor
+
+    def keys(self, q_nope: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(q_nope, self.w_kb)
+
+    def values(self, o_lat: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(o_lat, self.w_vb.transpose(1, 2))
+
+
 class Weights:
     """Where the forward gets its weights: `get(name)` -> float tensor on device.
 
@@ -119,6 +145,13 @@ class Weights:
     def embedding(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the embedding table `name`."""
         return F.embedding(ids, self.get(name))
+
+    def heads(self, name: str, heads: int, nope: int, dtype: torch.dtype) -> HeadProducts:
+        """kv_b_proj `name` as absorbed attention multiplies by it, per head, in `dtype`: the whole
+        weight read once (get) and split into W_kb / W_vb views (cast, a transient, where dtype differs)."""
+        kv_b = self.get(name + ".weight")
+        kv_b = kv_b.view(heads, -1, kv_b.shape[-1])
+        return DenseHeads(kv_b[:, :nope].to(dtype), kv_b[:, nope:].to(dtype))
 
 
 class DictWeights(Weights):
@@ -392,16 +425,15 @@ class K2Model:
 
         q_nope goes through W_kb per head into the latent space, attention runs over the cached
         latents and rope keys as stored (latent_attention), the result goes back through W_vb; all
-        three products run in attention_dtype. kv_b_proj is read whole and split into W_kb / W_vb
-        views (cast per call, a transient, where the compute dtype differs from attention_dtype)."""
+        three products run in attention_dtype. The products with kv_b_proj are the weight source's
+        (Weights.heads: by default the weight read whole and split into W_kb / W_vb views; the runner
+        multiplies FP8 codes as stored)."""
         c = self.config
-        h = c.num_attention_heads
-        kv_b = self.weights.get(p + "kv_b_proj.weight").view(h, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
-        w_kb, w_vb = kv_b.split([c.qk_nope_head_dim, c.v_head_dim], dim=1)  # [H, nope, L], [H, v, L]
         core = attention_dtype(q_nope.device, latent.dtype)
-        q_lat = torch.matmul(q_nope.to(core) * c.softmax_scale, w_kb.to(core))  # [b, H, t, L]
+        kv_b = self.weights.heads(p + "kv_b_proj", c.num_attention_heads, c.qk_nope_head_dim, core)
+        q_lat = kv_b.keys(q_nope.to(core) * c.softmax_scale)  # [b, H, t, L]
         o_lat = latent_attention(q_lat, q_rot.to(core) * c.softmax_scale, latent, k_rot, mask)
-        out = torch.matmul(o_lat, w_vb.to(core).transpose(1, 2)).to(q_nope.dtype)  # [b, H, t, v]
+        out = kv_b.values(o_lat).to(q_nope.dtype)  # [b, H, t, v]
         if self.observer is not None:
             self.observer(p + "attn_k_b", q_nope)
         return out, o_lat.to(q_nope.dtype)

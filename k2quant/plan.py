@@ -34,8 +34,8 @@ Where the numbers come from:
 - Decode speed, at an empty context and with the KV cache full at --ctx. GGUF: the bandwidth
   bound, bytes one token reads from each tier over that tier's bandwidth, summed (the GGUF
   tensors' bytes; llama.cpp's kernels are not measured here). Runner: the bytes each of its
-  CPU kernels streams per token (`runner_cpu_reads`: int4pack, bf16 F.linear, decoded per
-  call) at that kernel's rate measured on this machine (runner/bandwidth.py `kernel_rates`,
+  CPU kernels streams per token (`runner_cpu_reads`: int4pack, the bf16 and FP8 matvecs,
+  decoded per call) at that kernel's rate measured on this machine (runner/bandwidth.py `kernel_rates`,
   never above the RAM bandwidth), the GPU's share at the VRAM bandwidth; every option also
   carries its bandwidth bound (`bound_tokens_per_s`).
 """
@@ -70,6 +70,7 @@ from .names import expected_shapes, parse_name
 from .quant.fp8 import scale_shape
 from .quant.ggml import NEEDS_IMATRIX
 from .recipe import GGUF_PRESETS, IMATRIX_PRESETS, build_recipe
+from .runner.kernels import FP8_CHUNK_BYTES
 from .runner.placement import Placement, bytes_per_token, load_hotness, place, reads_per_token, tensor_class
 from .runner.runner import GPU_MARGIN, WORK_BYTES_PER_TOKEN
 
@@ -513,6 +514,13 @@ class StoredTensor:
         return k % groups == 0 and k // groups in INT4PACK_GROUPS and n % 16 == 0 and k % 2 == 0
 
     @property
+    def fp8_cpu(self) -> bool:
+        """Whether the runner's FP8 matvec takes this weight on the CPU (runner/kernels.py FP8CPU.supports;
+        kv_b_proj too, through absorbed attention's FP8Heads)."""
+        d = self.parts.get("weight", ("", ()))[0]
+        return d == "F8_E4M3" and len(self.shape) == 2 and len(self.parts) == 2
+
+    @property
     def dense(self) -> bool:
         return len(self.parts) == 1 and "weight" in self.parts
 
@@ -531,6 +539,8 @@ class StoredTensor:
         """The decode transient of a weight the runner decodes per use on `device`, else 0."""
         if self.cls in SMALL or self.dense or (device == "cpu" and self.int4pack_cpu):
             return 0
+        if device == "cpu" and self.fp8_cpu:  # prompts: decoded to bf16 a chunk of rows at a time
+            return min(FP8_CHUNK_BYTES, 2 * self.numel)
         return DEQUANT_BYTES_PER_WEIGHT * self.numel
 
 
@@ -649,6 +659,8 @@ def kernel_kind(t: StoredTensor) -> str:
         return "other"
     if t.dense:
         return "dense"
+    if t.fp8_cpu:
+        return "fp8"
     return "int4pack" if t.int4pack_cpu else "decode per call"
 
 

@@ -391,10 +391,10 @@ def test_cli_plan_json_text_and_errors(mini_k2):
         main, ["plan", str(mini_k2["fp8"]), "--ram", "64G", "--vram", "0", "--ctx", "4096", "--disk-bandwidth", "2G"]
     )  # fmt: skip (this machine's RAM: kernels measured)
     assert r.exit_code == 0, r.output
-    # measured kernel rates: FP8-block attention decoded per call makes k2-int4 far slower on this CPU than
-    # int4-all (int4pack everywhere), so the plan picks int4-all and says why
-    assert "k2quant run model-fp8-int4-all --ctx 4096 --device cpu --chat" in r.output
-    assert "not the larger k2-int4: predicted at" in r.output and "runner's CPU kernels: int4pack" in r.output
+    # measured kernel rates: FP8-block attention through the FP8 matvec keeps k2-int4 (the larger, closer
+    # file) fast, while int4-all's attention shapes that int4pack does not take are decoded per call
+    assert "k2quant run model-fp8-k2-int4 --ctx 4096 --device cpu --chat" in r.output
+    assert "runner's CPU kernels: int4pack" in r.output and ", fp8 " in r.output
     assert "llama-cli -m model-fp8-gguf/model-fp8-BF16.gguf -c 4096 --yarn-beta-fast 1" in r.output
     r = CliRunner().invoke(main, ["plan", "kimi-k3", "--ram", "1G"])
     assert r.exit_code == 1 and r.output.startswith("error: MODEL 'kimi-k3'") and len(r.output.splitlines()) == 1

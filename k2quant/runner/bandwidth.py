@@ -8,8 +8,8 @@ measured in a child process, so the buffer does not count in the caller's peak R
 The bound for decode is bytes read per token / this bandwidth.
 
 Kernel rates (`kernel_rates`): the bytes per second each of the runner's CPU kernels streams
-in a one-token call at K2 expert shapes (torch's int4pack, bf16 F.linear, FP8 block decoded
-per call), cached the same way (per CPU model, threads and torch version). `k2quant plan`
+in a one-token call at K2 expert shapes (torch's int4pack, k2quant's bf16 and FP8 matvecs, an
+asymmetric INT4 weight decoded per call), cached the same way (per CPU model, threads and torch version). `k2quant plan`
 predicts the runner's CPU decode from them: bytes per kernel / min(its rate, the bandwidth).
 """
 
@@ -100,12 +100,13 @@ def read_bandwidth(threads: int) -> tuple[float, bool]:
 # ---------------------------------------------------------------------------- the runner's CPU kernels
 # The shapes a K2 routed expert's kernels take (gate and up fused: 4096 x 7168; down: 7168 x 2048).
 KERNEL_SHAPES = ((4096, 7168), (7168, 2048))
-KERNEL_KINDS = ("int4pack", "dense", "decode per call")
+KERNEL_KINDS = ("int4pack", "dense", "fp8", "decode per call")
 
 
 def _kernel_weight(kind: str, n: int, k: int, g: torch.Generator):
     from k2quant.checkpoint import StoredWeight
     from k2quant.quant.int4 import pack_int4
+    from k2quant.quant.schemes import parse_scheme
 
     if kind == "dense":
         return StoredWeight("w", "dense", (n, k), {"weight": (torch.randn(n, k, generator=g) * 0.02).bfloat16()})
@@ -114,9 +115,22 @@ def _kernel_weight(kind: str, n: int, k: int, g: torch.Generator):
         parts = {"weight_packed": pack_int4(q), "weight_scale": torch.full((n, k // 32), 0.01).bfloat16(),
                  "weight_shape": torch.tensor([n, k])}  # fmt: skip
         return StoredWeight("w", "int4_pack", (n, k), parts)
-    w = (torch.randn(n, k, generator=g) * 100).to(torch.float8_e4m3fn)  # FP8 block: K2's release, decoded per call
-    return StoredWeight("w", "fp8_block", (n, k), {"weight": w, "weight_scale_inv": torch.full((n // 128, k // 128),
-                        1e-4)}, (128, 128))  # fmt: skip
+    if kind == "fp8":  # FP8 block: K2's release, k2quant's matvec from the codes
+        w = (torch.randn(n, k, generator=g) * 100).to(torch.float8_e4m3fn)
+        return StoredWeight("w", "fp8_block", (n, k), {"weight": w, "weight_scale_inv": torch.full((n // 128, k // 128),
+                            1e-4)}, (128, 128))  # fmt: skip
+    # decoded per call (_kernel): symmetric INT4 g32, the form of the weights int4pack does not take
+    parts = parse_scheme("int4-g32").quantize(torch.randn(n, k, generator=g) * 0.02, search=False)
+    return StoredWeight("w", "int4_pack", (n, k), parts)
+
+
+def _kernel(kind: str, n: int, k: int, g: torch.Generator):
+    """The runner's fast-mode CPU kernel of `kind` over a fresh n x k weight."""
+    from .kernels import DequantLinear, make_linear
+
+    w = _kernel_weight(kind, n, k, g)
+    return DequantLinear(w, torch.device("cpu"), torch.bfloat16) if kind == "decode per call" else \
+        make_linear(w, "cpu", "fast")  # fmt: skip
 
 
 def warm_up(threads: int = 2) -> None:
@@ -126,14 +140,12 @@ def warm_up(threads: int = 2) -> None:
     (about 17 MB with torch 2.13) are the runner's whatever the model, not part of its weights."""
     import torch.nn.functional as F
 
-    from .kernels import make_linear
-
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     try:
         for kind in KERNEL_KINDS:
-            lin = make_linear(_kernel_weight(kind, 256, 512, g), "cpu", "fast")
+            lin = _kernel(kind, 256, 512, g)
             for tokens in (1, 64):
                 lin(torch.randn(tokens, 512, generator=g).bfloat16())
         for qk in (192, 128):  # K2's qk 192 / v 128 takes SDPA's math path; equal dims its fused kernel
@@ -151,7 +163,6 @@ def measure_kernel_rates(threads: int, working_set: int | None = None) -> dict[s
     a one-token call, at K2 expert shapes: bytes the kernel holds / seconds per call, over enough
     distinct weights (4 x the last-level cache) that they do not stay in the cache, best of three
     passes. Decoding per call is bound by its arithmetic, not by memory: two weights suffice there."""
-    from .kernels import make_linear
 
     working_set = working_set or max(64 << 20, 4 * _llc_bytes())
 
@@ -163,8 +174,8 @@ def measure_kernel_rates(threads: int, working_set: int | None = None) -> dict[s
         for kind in KERNEL_KINDS:
             held = seconds = 0.0
             for n, k in KERNEL_SHAPES:
-                first = make_linear(_kernel_weight(kind, n, k, g), "cpu", "fast")
-                copies = [first] + [make_linear(_kernel_weight(kind, n, k, g), "cpu", "fast")
+                first = _kernel(kind, n, k, g)
+                copies = [first] + [_kernel(kind, n, k, g)
                                     for _ in range(1 if kind == "decode per call" else
                                                    max(1, working_set // first.nbytes) - 1)]  # fmt: skip
                 x = torch.randn(1, k, generator=g).bfloat16()

@@ -11,8 +11,15 @@ parts on `device` and nothing dequantized between calls. Two modes:
     torch's `_weight_int4pack_mm_for_cpu` (tinygemm; compressed-tensors' nibbles q + 8 are
     its unsigned values as they are, zero point 0, the bf16 scales), repacked once at load
     into torch's ISA-specific layout (never persisted);
-  - `dense` bf16 / f16: F.linear on the stored tensor (no copy);
-  - everything else (FP8 block / scaled, asymmetric INT4, every GGML type, INT4 on CUDA):
+  - `fp8_block` / `fp8_scaled` (e4m3, per block, channel or tensor scales) on the CPU:
+    k2quant's matvec from the codes (quant/matvec_kernel.py) for up to FP8_MATVEC_ROWS rows of
+    x (decoding, small batches: float32 sums, one pass over the codes), for longer inputs
+    (prompts) the weight decoded to bf16 a chunk of rows at a time (an 8 MiB transient) and
+    F.linear per chunk;
+  - `dense` bf16 / f16: F.linear on the stored tensor (no copy); on the CPU, a bf16 weight and
+    up to BF16_MATVEC_ROWS rows of x (decoding) take k2quant's bf16 matvec (float32 sums), 1.6x
+    torch's bf16 F.linear here;
+  - everything else (FP8 on CUDA, asymmetric INT4, every GGML type, INT4 on CUDA):
     decoded per call into bf16 (`DequantLinear`), then F.linear.
 
 `fuse_rows` stacks an expert's gate and up projections into one matrix (one kernel call
@@ -27,11 +34,18 @@ import torch
 import torch.nn.functional as F
 
 from k2quant.checkpoint import StoredWeight
+from k2quant.quant import matvec_kernel
 from k2quant.quant.forms import form
 from k2quant.quant.int4 import unpack_int4
 
 MODES = ("exact", "fast")
 _INT4PACK_GROUPS = (32, 64, 128, 256)
+# rows of x up to which the FP8 matvec (one pass over the codes per row of x) beats decoding to bf16 in
+# chunks and F.linear (bench/matvec.py's crossover table)
+FP8_MATVEC_ROWS = 3
+FP8_CHUNK_BYTES = 8 << 20  # the bf16 rows an FP8 weight is decoded into per step for longer inputs
+# the same for a bf16 weight against torch's F.linear: 16384x7168, 2 rows 8.5 vs 10.3 ms, 3 rows 10.2 vs 10.1
+BF16_MATVEC_ROWS = 2
 
 
 def compute_dtype(mode: str) -> torch.dtype:
@@ -80,7 +94,8 @@ class DequantLinear(Linear):
 
 
 class DenseLinear(Linear):
-    """A bf16 / f16 / f32 weight used as stored (computed in the compute dtype)."""
+    """A bf16 / f16 / f32 weight used as stored (computed in the compute dtype); a bf16 weight on the
+    CPU in fast mode multiplies up to BF16_MATVEC_ROWS rows of x by quant/matvec_kernel's matvec."""
 
     kernel = "F.linear on the stored tensor"
 
@@ -91,6 +106,11 @@ class DenseLinear(Linear):
         self.nbytes = self.weight.nbytes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and self.device.type == "cpu"
+                and self.weight.dim() == 2 and x.numel() <= BF16_MATVEC_ROWS * self.shape[1]):  # fmt: skip
+            matvec_kernel.set_threads(torch.get_num_threads())
+            y = matvec_kernel.matvec_bf16(self.weight, x.reshape(-1, self.shape[1])).to(torch.bfloat16)
+            return y.view(*x.shape[:-1], self.shape[0])
         return F.linear(x.to(self.dtype), self.weight.to(self.dtype))
 
 
@@ -128,6 +148,71 @@ class Int4PackCPU(Linear):
         return y.view(*shape[:-1], self.shape[0])
 
 
+class FP8CPU(Linear):
+    """FP8 e4m3 codes and their scales on the CPU: quant/matvec_kernel's matvec for a few rows of x,
+    the weight decoded to bf16 per call (a transient) for more."""
+
+    kernel = "k2quant fp8 matvec (numba)"
+
+    def __init__(self, stored: StoredWeight):
+        p = stored.parts
+        scale = p["weight_scale_inv"] if stored.format == "fp8_block" else p["weight_scale"]
+        own = _move({"weight": p["weight"], "scale": scale}, torch.device("cpu"))
+        self.codes = matvec_kernel.FP8Codes.from_stored(own["weight"], own["scale"], stored.block)
+        self.device, self.shape = torch.device("cpu"), tuple(stored.shape)
+        self.nbytes = self.codes.nbytes
+
+    @staticmethod
+    def supports(stored: StoredWeight) -> bool:
+        return (stored.format in ("fp8_block", "fp8_scaled") and len(stored.shape) == 2
+                and stored.parts["weight"].dtype == torch.float8_e4m3fn)  # fmt: skip
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.shape[1])
+        y = self.matvec(x2) if x2.shape[0] <= FP8_MATVEC_ROWS else self.decoded_linear(x2)
+        return y.view(*x.shape[:-1], self.shape[0])
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        """x [m, k] W^T from the codes, float32 sums, bf16 out."""
+        matvec_kernel.set_threads(torch.get_num_threads())
+        return matvec_kernel.matvec(self.codes, x[:, None]).view(-1, self.shape[0]).to(torch.bfloat16)
+
+    def decoded_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x [m, k] W^T by F.linear in bf16, over the weight decoded a chunk of rows at a time into one
+        FP8_CHUNK_BYTES buffer (no weight-sized transient)."""
+        matvec_kernel.set_threads(torch.get_num_threads())
+        (n, k), xb = self.shape, x.to(torch.bfloat16)
+        y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+        step = max(1, FP8_CHUNK_BYTES // (2 * k))
+        buf = torch.empty(min(step, n), k, dtype=torch.bfloat16)
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            y[:, r0:r1] = F.linear(xb, matvec_kernel.decode_bf16(self.codes, r0, r1, buf))
+        return y
+
+
+class FP8Heads:
+    """Absorbed attention's products with an FP8 kv_b_proj (model.HeadProducts), from the codes:
+    W_kb by quant/matvec_kernel's vecmat, W_vb by its matvec per head; float32 in and out."""
+
+    def __init__(self, codes: matvec_kernel.FP8Codes, heads: int, nope: int):
+        self.codes, self.heads, self.nope = codes, heads, nope
+        self.per_head = codes.shape[0] // heads  # nope + v rows per head
+
+    def keys(self, q_nope: torch.Tensor) -> torch.Tensor:
+        b, h, t, _ = q_nope.shape
+        matvec_kernel.set_threads(torch.get_num_threads())
+        y = matvec_kernel.vecmat(self.codes, q_nope.transpose(1, 2).reshape(b * t, h, self.nope), self.per_head)
+        return y.view(b, t, h, -1).transpose(1, 2)
+
+    def values(self, o_lat: torch.Tensor) -> torch.Tensor:
+        b, h, t, width = o_lat.shape
+        matvec_kernel.set_threads(torch.get_num_threads())
+        y = matvec_kernel.matvec(self.codes, o_lat.transpose(1, 2).reshape(b * t, h, width), groups=h,
+                              stride=self.per_head, offset=self.nope, rows=self.per_head - self.nope)  # fmt: skip
+        return y.view(b, t, h, -1).transpose(1, 2)
+
+
 def make_linear(stored: StoredWeight, device: str | torch.device, mode: str) -> Linear:
     """The kernel for one stored weight on one device (see the module docstring for the table)."""
     device = torch.device(device)
@@ -136,6 +221,8 @@ def make_linear(stored: StoredWeight, device: str | torch.device, mode: str) -> 
         return DenseLinear(stored.parts[next(iter(stored.parts))], device, dtype)
     if mode == "fast" and device.type == "cpu" and Int4PackCPU.supports(stored):
         return Int4PackCPU(stored)
+    if mode == "fast" and device.type == "cpu" and FP8CPU.supports(stored):
+        return FP8CPU(stored)
     return DequantLinear(stored, device, dtype)
 
 

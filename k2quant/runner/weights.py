@@ -3,7 +3,8 @@
 `RunnerWeights` is a `model.Weights`: `linear(name, x)` runs the kernel of that weight on
 the tier it was placed on (the input moved there and the output back), `get(name)` serves
 the small float32 tensors (norms, router, correction bias) and decodes the few weights the
-forward reads whole (kv_b_proj for absorbed attention) per call, `embedding(ids)` gathers
+forward reads whole (kv_b_proj for absorbed attention) per call, except that `heads` multiplies
+an FP8 kv_b_proj on the CPU from its codes (runner/kernels.py FP8Heads), `embedding(ids)` gathers
 rows of the embedding table as stored. `RunnerExperts` is the routed-experts seam: experts
 on the fast tier run there, the others on the CPU, on a worker thread when the two tiers
 differ, so they overlap with the shared expert, which the forward runs meanwhile.
@@ -17,11 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from k2quant.checkpoint import StoredWeight
-from k2quant.model import Done, ExpertFn, Pending, RoutedExperts, Weights
+from k2quant.model import Done, ExpertFn, HeadProducts, Pending, RoutedExperts, Weights
 from k2quant.names import parse_name
+from k2quant.quant import matvec_kernel
 from k2quant.quant.forms import form
 
-from .kernels import DenseLinear, DequantLinear, Linear, compute_dtype, make_linear
+from .kernels import FP8CPU, DenseLinear, DequantLinear, FP8Heads, Linear, compute_dtype, make_linear
 from .placement import Placement, tensor_class
 from .store import ExpertStore
 
@@ -48,7 +50,9 @@ class RunnerWeights(Weights):
                     self.linears["model.embed_tokens"] = make_linear(self.embed, compute, mode)
             elif parse_name(name).is_linear or name == "lm_head.weight":
                 module = name.removesuffix(".weight")
-                if module.endswith("kv_b_proj"):  # read whole by absorbed attention: kept decodable per call
+                if module.endswith("kv_b_proj") and not (mode == "fast" and dev.type == "cpu" and
+                                                         FP8CPU.supports(stored)):  # fmt: skip
+                    # read whole by absorbed attention (model.Weights.heads): kept decodable per call
                     k = DenseLinear(stored.parts["weight"], dev, self.dtype) if stored.format == "dense" else \
                         DequantLinear(stored, dev, self.dtype)  # fmt: skip
                 else:
@@ -68,10 +72,18 @@ class RunnerWeights(Weights):
             return form(k.format).dequantize(k.parts, k.shape, k.block).to(self.device, self.dtype)
         if isinstance(k, DenseLinear):
             return k.weight.to(self.device, self.dtype)
+        if isinstance(k, FP8CPU):
+            return matvec_kernel.decode_bf16(k.codes).to(self.device, self.dtype)
         raise KeyError(f"{name}: not readable whole from the runner's weights")
 
     def get(self, name: str) -> torch.Tensor:
         return self.fetch(name)  # small tensors are already float32 on the compute device; no cache needed
+
+    def heads(self, name: str, heads: int, nope: int, dtype: torch.dtype) -> HeadProducts:
+        k = self.linears.get(name)
+        if isinstance(k, FP8CPU) and dtype == torch.float32:  # FP8 codes multiplied as stored, float32 sums
+            return FP8Heads(k.codes, heads, nope)
+        return super().heads(name, heads, nope, dtype)
 
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         k = self.linears[name]

@@ -1,0 +1,116 @@
+"""Benchmark: the CPU's FP8 matvec (quant/matvec_kernel.py, the runner's decode kernel for K2's FP8
+attention, shared experts and dense MLP) against torch's bf16 F.linear on the same weights and
+against the memory-bandwidth bound, at Kimi K2's shapes, one token.
+
+For each shape, enough distinct random FP8-block weights (128x128 scales) that together they
+exceed 4x the last-level cache, so every call reads its weight from RAM; the same weights decoded
+to bf16 for torch. Per shape and thread count: milliseconds per call (best of 3 passes), the
+bytes the kernel streams per second (codes and scales for FP8, bf16 bytes for torch), and
+  * speedup: torch's seconds / the FP8 kernel's seconds for the same weight (the decode win);
+  * of bound: (FP8 bytes / the measured read bandwidth) / the FP8 kernel's seconds.
+Then the crossover against decoding to bf16 (a chunk of rows at a time) and F.linear as the rows
+of x grow (why the runner switches at runner/kernels.py FP8_MATVEC_ROWS).
+
+Usage: python bench/matvec.py [--threads 1 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from k2quant.checkpoint import StoredWeight
+from k2quant.quant import matvec_kernel as K
+from k2quant.runner.bandwidth import _llc_bytes, measure_read_bandwidth
+from k2quant.runner.kernels import FP8_MATVEC_ROWS, FP8CPU
+
+# (name, rows, columns) of K2's weights a decoded token reads through this kernel
+SHAPES = [
+    ("q_a_proj", 1536, 7168),
+    ("q_b_proj", 12288, 1536),
+    ("kv_a_proj_with_mqa", 576, 7168),
+    ("o_proj", 7168, 8192),
+    ("shared gate+up", 4096, 7168),
+    ("shared down", 7168, 2048),
+    ("dense gate+up", 36864, 7168),
+]
+
+
+def _best(fn, reps: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _shape(n: int, k: int, copies: int, g: torch.Generator) -> tuple[float, float, int, int]:
+    """(FP8 seconds, bf16 seconds, FP8 bytes, bf16 bytes) per one-token call of an n x k weight."""
+    ws, bs = [], []
+    for _ in range(copies):
+        q = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        s = torch.rand(-(-n // 128), -(-k // 128), generator=g) * 1e-3 + 1e-5
+        ws.append(K.FP8Codes.from_stored(q, s, (128, 128)))
+        bs.append(K.decode_bf16(ws[-1]))
+    x = torch.randn(1, 1, k, generator=g)
+    xb = x[:, 0].bfloat16()
+    t8 = _best(lambda: [K.matvec(w, x) for w in ws]) / copies
+    t16 = _best(lambda: [F.linear(xb, b) for b in bs]) / copies
+    return t8, t16, ws[0].nbytes, bs[0].numel() * 2
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    g = torch.Generator().manual_seed(0)
+    working = max(256 << 20, 4 * _llc_bytes())
+    rows, results = [], {}
+    for threads in a.threads:
+        bw = measure_read_bandwidth(threads)
+        torch.set_num_threads(threads)
+        K.set_threads(threads)
+        print(f"\n{threads} thread(s): read bandwidth {bw / 1e9:.1f} GB/s")
+        print(f"{'weight':<20} {'shape':>12} {'fp8 ms':>8} {'GB/s':>6} {'bf16 ms':>8} {'GB/s':>6} {'speedup':>8} "
+              f"{'of bound':>8}")  # fmt: skip
+        tot_fp8 = tot_bf16 = tot_bytes = 0.0
+        for name, n, k in SHAPES:
+            t8, t16, nb8, nb16 = _shape(n, k, max(1, working // (n * k)), g)
+            bound = nb8 / bw
+            print(f"{name:<20} {f'{n}x{k}':>12} {t8 * 1e3:8.2f} {nb8 / t8 / 1e9:6.1f} {t16 * 1e3:8.2f} "
+                  f"{nb16 / t16 / 1e9:6.1f} {t16 / t8:7.2f}x {bound / t8:8.2f}")  # fmt: skip
+            rows.append({"threads": threads, "weight": name, "shape": [n, k], "fp8_s": t8, "bf16_s": t16,
+                         "fp8_bytes": nb8, "bf16_bytes": nb16, "bandwidth": bw})  # fmt: skip
+            tot_fp8, tot_bf16, tot_bytes = tot_fp8 + t8, tot_bf16 + t16, tot_bytes + nb8
+        print(f"{'one layer of each':<33} {tot_fp8 * 1e3:8.2f} {tot_bytes / tot_fp8 / 1e9:6.1f} {tot_bf16 * 1e3:8.2f}"
+              f" {'':>6} {tot_bf16 / tot_fp8:7.2f}x {tot_bytes / bw / tot_fp8:8.2f}")  # fmt: skip
+        results[threads] = {"fp8_s": tot_fp8, "bf16_s": tot_bf16, "fp8_bytes": tot_bytes, "bandwidth": bw}
+    # the crossover: matvec against decoding in chunks + F.linear, as x grows (runner/kernels.py FP8_MATVEC_ROWS)
+    threads = a.threads[-1]
+    torch.set_num_threads(threads)
+    q = (torch.randn(4096, 7168, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    lin = FP8CPU(StoredWeight("w", "fp8_block", (4096, 7168), {"weight": q, "weight_scale_inv": torch.full((32, 56),
+                 1e-4)}, (128, 128)))  # fmt: skip
+    print(f"\nrows of x, 4096x7168, {threads} thread(s): matvec ms / decode to bf16 in chunks + F.linear ms "
+          f"(the runner takes the matvec up to {FP8_MATVEC_ROWS} rows)")  # fmt: skip
+    cross = []
+    for m in (1, 2, 3, 4, 6, 8, 16, 64):
+        x = torch.randn(m, 7168, generator=g).bfloat16()
+        tm = _best(lambda: lin.matvec(x))  # noqa: B023
+        td = _best(lambda: lin.decoded_linear(x))  # noqa: B023
+        cross.append({"rows": m, "matvec_s": tm, "decode_linear_s": td})
+        print(f"  {m:3d}: {tm * 1e3:7.2f} / {td * 1e3:7.2f}  {'matvec' if tm < td else 'decode + F.linear'}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"shapes": rows, "totals": results, "crossover": cross}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

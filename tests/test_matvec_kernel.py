@@ -1,0 +1,115 @@
+"""The CPU's FP8 kernels (quant/matvec_kernel.py) against torch's decoding of the same codes, and the
+runner's use of them (runner/kernels.py FP8CPU, FP8Heads) against the dense forms they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from k2quant.checkpoint import StoredWeight
+from k2quant.model import DenseHeads
+from k2quant.quant import matvec_kernel as K
+from k2quant.quant.fp8 import dequantize_fp8_block, quantize_fp8_block
+from k2quant.runner import kernels
+from k2quant.runner.kernels import FP8_MATVEC_ROWS, FP8Heads, make_linear
+
+
+def _every_code(n: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """n x k e4m3 weights holding every finite code (subnormals, both zeros) in random places."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]  # not the NaNs
+    idx = torch.randint(0, codes.numel(), (n * k,), generator=g)
+    idx[: codes.numel()] = torch.arange(codes.numel())
+    return codes[idx[torch.randperm(n * k, generator=g)]].view(n, k).view(torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("shape,block", [((256, 384), (128, 128)), ((200, 300), (128, 128)), ((37, 61), (5, 7)),
+                                         ((64, 96), None)])  # fmt: skip
+def test_decode_is_torchs_dequantization_rounded_to_bf16(shape, block):
+    g = torch.Generator().manual_seed(0)
+    w = _every_code(*shape, g)
+    n, k = shape
+    bs = block or (n, k)
+    scale = torch.rand(-(-n // bs[0]), -(-k // bs[1]), generator=g) * 1e-2 + 1e-5
+    codes = K.FP8Codes.from_stored(w, scale if block else scale.reshape(()), block)
+    ref = dequantize_fp8_block(w, scale, bs)
+    assert torch.equal(K.decode_bf16(codes).view(torch.int16), ref.to(torch.bfloat16).view(torch.int16))
+
+
+@pytest.mark.parametrize("rows", [1, 3, FP8_MATVEC_ROWS])
+def test_matvec_and_vecmat_match_float64(rows):
+    g = torch.Generator().manual_seed(1)
+    n, k, blk = 258, 300, (128, 128)  # partial blocks at both edges, rows not a multiple of 4
+    q, s = quantize_fp8_block(torch.randn(n, k, generator=g), blk)
+    codes = K.FP8Codes.from_stored(q, s, blk)
+    w = dequantize_fp8_block(q, s, blk).double()
+    x = torch.randn(rows, 1, k, generator=g)
+    y = K.matvec(codes, x)
+    ref = x[:, 0].double() @ w.T
+    assert ((y[:, 0].double() - ref).abs().max() / ref.abs().max()).item() < 1e-6
+    # per group: head h reads rows h*86+10 .. +70 (absorbed attention's W_vb) and h*86 .. +40 (W_kb)
+    xh = torch.randn(rows, 3, k, generator=g)
+    yh = K.matvec(codes, xh, groups=3, stride=86, offset=10, rows=70)
+    refh = torch.stack([xh[:, h].double() @ w[h * 86 + 10 : h * 86 + 80].T for h in range(3)], 1)
+    assert ((yh.double() - refh).abs().max() / refh.abs().max()).item() < 1e-6
+    xv = torch.randn(rows, 3, 40, generator=g)
+    yv = K.vecmat(codes, xv, stride=86)
+    refv = torch.stack([xv[:, h].double() @ w[h * 86 : h * 86 + 40] for h in range(3)], 1)
+    assert ((yv.double() - refv).abs().max() / refv.abs().max()).item() < 1e-6
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(2)
+    q, s = quantize_fp8_block(torch.randn(512, 1024, generator=g))
+    codes = K.FP8Codes.from_stored(q, s, (128, 128))
+    x, xv = torch.randn(2, 1, 1024, generator=g), torch.randn(2, 4, 64, generator=g)
+    got = []
+    for threads in (1, 2):
+        K.set_threads(threads)
+        got.append((K.matvec(codes, x), K.vecmat(codes, xv, stride=128), K.decode_bf16(codes)))
+    K.set_threads(torch.get_num_threads())
+    for a, b in zip(*got, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bad_scales_are_refused():
+    q = torch.zeros(256, 256).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="does not match 256x256 in 128x128 blocks"):
+        K.FP8Codes.from_stored(q, torch.ones(3, 2), (128, 128))
+    with pytest.raises(ValueError, match="fits no channel or tensor"):
+        K.FP8Codes.from_stored(q, torch.ones(7), None)
+    with pytest.raises(ValueError, match="not finite"):
+        K.FP8Codes.from_stored(q, torch.full((2, 2), 1e3), (128, 128))
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        K.FP8Codes.from_stored(torch.zeros(4, 4), torch.ones(1), None)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 5, 40])  # matvec up to FP8_MATVEC_ROWS, decoded in chunks past it
+def test_runner_fp8_linear_is_the_stored_weights_product(tokens, monkeypatch):
+    monkeypatch.setattr(kernels, "FP8_CHUNK_BYTES", 100 * 512 * 2)  # 100 rows a chunk: four chunks, the last short
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(384, 512, generator=g) * 0.05
+    q, s = quantize_fp8_block(w)
+    st = StoredWeight("w", "fp8_block", (384, 512), {"weight": q, "weight_scale_inv": s}, (128, 128))
+    fast = make_linear(st, "cpu", "fast")
+    assert fast.kernel == "k2quant fp8 matvec (numba)"
+    assert fast.nbytes == q.numel() + s.numel() * 4  # the codes and scales as stored: nothing decoded kept
+    x = torch.randn(tokens, 512, generator=g)
+    ref = F.linear(x.double(), dequantize_fp8_block(q, s).double())
+    y = fast(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and y.shape == (tokens, 384)
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1.5e-2
+
+
+def test_fp8_heads_match_the_dense_split_of_kv_b():
+    g = torch.Generator().manual_seed(4)
+    heads, nope, v, rank = 4, 128, 128, 512  # K2's per-head shapes, four heads
+    q, s = quantize_fp8_block(torch.randn(heads * (nope + v), rank, generator=g) * 0.05)
+    kv_b = dequantize_fp8_block(q, s).view(heads, nope + v, rank)
+    dense = DenseHeads(kv_b[:, :nope], kv_b[:, nope:])
+    fp8 = FP8Heads(K.FP8Codes.from_stored(q, s, (128, 128)), heads, nope)
+    q_nope, o_lat = torch.randn(2, heads, 3, nope, generator=g), torch.randn(2, heads, 3, rank, generator=g)
+    for a, b in ((fp8.keys(q_nope), dense.keys(q_nope)), (fp8.values(o_lat), dense.values(o_lat))):
+        assert a.shape == b.shape and a.dtype == torch.float32
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
