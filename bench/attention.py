@@ -18,7 +18,11 @@ is printed, and another process on these cores slows every parallel op):
   * absorbed against expanded for chunks of t new tokens after `past` cached ones (t and past
     from `--chunks`, `--pasts`): where "auto" should switch (model.ABSORBED_MAX_TOKENS);
   * what `RunnerWeights.get` pays per step for kv_b_proj: nothing for a bf16 one in bf16 (held as
-    stored), a decode per call for a packed one (FP8 block, INT4 g32).
+    stored), a decode per call for a packed one (FP8 block, INT4 g32; the runner's FP8Heads multiply
+    an FP8 one from its codes instead, bench/matvec.py);
+  * prefill's expanded attention core, 512 new tokens after 0 and 4096 cached: torch's CPU SDPA
+    with K2's v narrower than q and k (its math path, float32 scores held whole) against
+    model.expanded_sdpa (v padded to q's width: its fused kernel).
 
 Usage: python bench/attention.py [--threads 2] [--depths 0,1024,4096,16384] [--chunks 16,64,256]
                                  [--pasts 0,1024] [--dtype bf16|f32] [--json out.json]
@@ -189,6 +193,32 @@ def kv_b_decode_rows(cfg: K2Config, dtype: torch.dtype) -> list[dict]:
     return rows
 
 
+def sdpa_rows(cfg: K2Config, dtype: torch.dtype, t: int, pasts: list[int]) -> list[dict]:
+    """Prefill's expanded attention core at K2's head dims: torch's CPU SDPA with v 128 wide (its math
+    path: float32 scores [H, t, s] held whole) against model.expanded_sdpa (v padded to 192: its fused
+    kernel, no score matrix); ms per layer and the largest difference."""
+    h, qk, v = cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    print(f"\nexpanded attention core, {t} new tokens over `past` cached ones ({h} heads, qk {qk}, v {v}):")
+    print(f"{'past':>6} {'math path ms':>13} {'scores MB':>10} {'padded v ms':>12} {'speedup':>8} {'max diff':>9}")
+    for past in pasts:
+        s = past + t
+        q = torch.randn(1, h, t, qk, generator=g).to(dtype)
+        k, vv = torch.randn(1, h, s, qk, generator=g).to(dtype), torch.randn(1, h, s, v, generator=g).to(dtype)
+        mask = torch.arange(s)[None, :] <= torch.arange(past, s)[:, None]
+        ref = F.scaled_dot_product_attention(q, k, vv, attn_mask=mask, scale=cfg.softmax_scale)
+        diff = (k2model.expanded_sdpa(q, k, vv, mask, cfg.softmax_scale) - ref).abs().max().item()
+        r = {"past": past, "t": t, "scores_bytes": 4 * h * t * s, "max_diff": diff}
+        r["math_ms"] = best_ms(lambda: F.scaled_dot_product_attention(q, k, vv, attn_mask=mask,  # noqa: B023
+                                                                       scale=cfg.softmax_scale), 2)  # fmt: skip
+        r["padded_ms"] = best_ms(lambda: k2model.expanded_sdpa(q, k, vv, mask, cfg.softmax_scale), 2)  # noqa: B023
+        rows.append(r)
+        print(f"{past:>6} {r['math_ms']:>13.0f} {r['scores_bytes'] / 1e6:>10.0f} {r['padded_ms']:>12.0f} "
+              f"{r['math_ms'] / r['padded_ms']:>7.2f}x {diff:>9.2e}", flush=True)  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -221,6 +251,7 @@ def main() -> None:
     if chunks:
         out["crossover"] = crossover_rows(cfg, weights, cache, chunks, pasts)
     out["kv_b_decode"] = kv_b_decode_rows(cfg, dtype)
+    out["expanded_sdpa"] = sdpa_rows(cfg, dtype, 512, [0, 4096])
     out["seconds"] = time.perf_counter() - t0
     out["load_average_end"] = os.getloadavg()[0]
     print(f"\n{out['seconds']:.0f} s; load average {out['load_average_end']:.2f}")

@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from k2quant.checkpoint import StoredWeight
-from k2quant.quant import matvec_kernel as K
-from k2quant.runner.bandwidth import _llc_bytes, measure_read_bandwidth
-from k2quant.runner.kernels import FP8_MATVEC_ROWS, FP8CPU
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention import best_ms  # noqa: E402  (bench/attention.py)
+
+from k2quant.checkpoint import StoredWeight  # noqa: E402
+from k2quant.quant import matvec_kernel as K  # noqa: E402
+from k2quant.runner.bandwidth import _llc_bytes, measure_read_bandwidth  # noqa: E402
+from k2quant.runner.kernels import FP8_MATVEC_ROWS, FP8CPU  # noqa: E402
 
 # (name, rows, columns) of K2's weights a decoded token reads through this kernel
 SHAPES = [
@@ -40,14 +44,8 @@ SHAPES = [
 ]
 
 
-def _best(fn, reps: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+def best_s(fn, reps: int = 3) -> float:
+    return best_ms(fn, reps) / 1e3
 
 
 def _shape(n: int, k: int, copies: int, g: torch.Generator) -> tuple[float, float, int, int]:
@@ -60,8 +58,8 @@ def _shape(n: int, k: int, copies: int, g: torch.Generator) -> tuple[float, floa
         bs.append(K.decode_bf16(ws[-1]))
     x = torch.randn(1, 1, k, generator=g)
     xb = x[:, 0].bfloat16()
-    t8 = _best(lambda: [K.matvec(w, x) for w in ws]) / copies
-    t16 = _best(lambda: [F.linear(xb, b) for b in bs]) / copies
+    t8 = best_s(lambda: [K.matvec(w, x) for w in ws]) / copies
+    t16 = best_s(lambda: [F.linear(xb, b) for b in bs]) / copies
     return t8, t16, ws[0].nbytes, bs[0].numel() * 2
 
 
@@ -103,8 +101,8 @@ def main() -> None:
     cross = []
     for m in (1, 2, 3, 4, 6, 8, 16, 64):
         x = torch.randn(m, 7168, generator=g).bfloat16()
-        tm = _best(lambda: lin.matvec(x))  # noqa: B023
-        td = _best(lambda: lin.decoded_linear(x))  # noqa: B023
+        tm = best_s(lambda: lin.matvec(x))  # noqa: B023
+        td = best_s(lambda: lin.decoded_linear(x))  # noqa: B023
         cross.append({"rows": m, "matvec_s": tm, "decode_linear_s": td})
         print(f"  {m:3d}: {tm * 1e3:7.2f} / {td * 1e3:7.2f}  {'matvec' if tm < td else 'decode + F.linear'}")
     if a.json:

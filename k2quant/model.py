@@ -310,6 +310,20 @@ def attention_dtype(device: torch.device, cache_dtype: torch.dtype) -> torch.dty
     return torch.float32 if device.type == "cpu" else cache_dtype
 
 
+def expanded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  scale: float) -> torch.Tensor:  # fmt: skip
+    """softmax(q k^T * scale, masked) v, per head. torch's CPU SDPA runs its fused (flash) kernel,
+    which never holds the [H, t, s] score matrix, only when q, k and v have one head dimension; K2's
+    v (128) is narrower than q and k (192), which sent it down the math path: float32 scores, 1.6 GB
+    for 512 new tokens over 4608 at K2's 64 heads, and 1.9x slower (bench/attention.py). So on the
+    CPU v is padded with zeros to q's width and the padding dropped from the result: the same sums."""
+    pad = q.shape[-1] - v.shape[-1]
+    if q.device.type != "cpu" or pad <= 0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)), attn_mask=mask, scale=scale)
+    return out[..., : v.shape[-1]]
+
+
 def latent_attention(q_lat: torch.Tensor, q_rot: torch.Tensor, latent: torch.Tensor, k_rot: torch.Tensor,
                      mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
     """MLA attention in the latent space over the cache as stored: o_lat [b, H, t, L] in q_lat's dtype.
@@ -471,7 +485,7 @@ class K2Model:
             k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
             k = torch.cat([k_nope, k_rot[:, None].expand(-1, h, -1, -1)], dim=-1)
             qq = torch.cat([q_nope, q_rot], dim=-1)
-            out = F.scaled_dot_product_attention(qq, k, v, attn_mask=mask, scale=c.softmax_scale)
+            out = expanded_sdpa(qq, k, v, mask, c.softmax_scale)
             o_lat = None
             if self.observer is not None:
                 lat = latent[:, None].expand(-1, h, -1, -1)

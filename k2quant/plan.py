@@ -107,11 +107,12 @@ DISK_TEST_BYTES = 512 << 20
 # The runner's process before any weight (python + torch + k2quant's runner imported, its kernels,
 # attention and sampling run once on tiny shapes) is measured by `measure_runtime_rss` in a child
 # process of this interpreter. It depends on the environment: 250 MB in the development venv, 279 MB
-# in a fresh CI one, same machine and torch. The kernels' first calls map about 17 MB of library code
-# and thread pools that a bare import does not (CI once measured the runner 10% above such a plan).
-# RUNNER_RUNTIME is what a plan assumes when it is not measured. With CUDA the libraries and context
-# add host memory: RUNNER_CUDA_RUNTIME is assumed (no GPU here to measure it).
-RUNNER_RUNTIME = 280_000_000
+# in a fresh CI one, same machine and torch, before the runner's numba kernels; 375 MB with them (numba,
+# llvmlite and the compiled kernels loaded). The kernels' first calls map library code and thread pools
+# that a bare import does not (CI once measured the runner 10% above such a plan). RUNNER_RUNTIME is
+# what a plan assumes when it is not measured. With CUDA the libraries and context add host memory:
+# RUNNER_CUDA_RUNTIME is assumed (no GPU here to measure it).
+RUNNER_RUNTIME = 375_000_000
 _RUNTIME_SCRIPT = (
     "import sys, k2quant.runner.runner; from k2quant.runner.bandwidth import warm_up; "
     "warm_up(int(sys.argv[1])); from k2quant.memory import peak_rss; print(peak_rss())"
@@ -122,12 +123,11 @@ LLAMA_RUNTIME = 200_000_000  # llama.cpp's own process, assumed
 # The runner's prefill working set: one chunk of T tokens attending over S cached tokens (model.py's
 # unabsorbed prefill attention: kv_b expanded over the cache, keys concatenated, torch's SDPA), in bytes.
 # Peak RSS of one attention layer alone, fitted by least squares (torch 2.13, CPU, bf16; T 128..512,
-# S up to 8704). Where qk_head_dim != v_head_dim (K2: 192 vs 128) torch's CPU SDPA takes its math path
-# and materializes float32 scores: ATTN_MATH on (H*S, H*T*S, H*T, S, T*S, T), every K2-dimension point
-# within 2% (H 64 and 8). Where they are equal its fused kernel does not: H*S*2*(nope+v+qk) (the bf16
-# kv_b expansion and keys) plus ATTN_FUSED on (T*S, H*T*(qk+v), 1), within 5% (mini-K2, and K2 with
-# v 192). On CUDA the fused form is assumed (memory-efficient SDPA; not measured here).
-ATTN_MATH = (2294.0, 8.662, 2823.0, 3802.0, 2.81, 29208.0)
+# S up to 8704). torch's CPU SDPA runs its fused kernel, which holds no score matrix, when q, k and v
+# have one head dimension; model.expanded_sdpa pads K2's narrower v (128 vs 192) with zeros so that it
+# always does. Working set: H*S*2*(nope+v+qk) (the bf16 kv_b expansion and keys), H*S*2*qk more for the
+# padded copy of v, plus ATTN_FUSED on (T*S, H*T*(qk+v), 1), within 5% (mini-K2, and K2 with v 192).
+# On CUDA the same form is assumed (memory-efficient SDPA, no padding; not measured here).
 ATTN_FUSED = (2.45, 5.38, 12.4e6)
 DEQUANT_BYTES_PER_WEIGHT = 6  # a weight decoded per call: float32 decode, then its bf16 copy (measured)
 INT4PACK_GROUPS = (32, 64, 128, 256)  # the runner's torch int4pack kernel (runner/kernels.py)
@@ -565,14 +565,12 @@ def kv_cache_bytes(cfg: K2Config, ctx: int, bytes_per_value: int = 2) -> int:
 
 
 def attention_work(cfg: K2Config, ctx: int, chunk: int = PREFILL_CHUNK, device: str = "cpu") -> int:
-    """The runner's peak working set of one prefill chunk at a full context (see ATTN_MATH, ATTN_FUSED)."""
+    """The runner's peak working set of one prefill chunk at a full context (see ATTN_FUSED)."""
     t, s, h = min(chunk, ctx), ctx, cfg.num_attention_heads
     qk, v, nope = cfg.qk_head_dim, cfg.v_head_dim, cfg.qk_nope_head_dim
-    if device == "cpu" and qk != v:
-        a = ATTN_MATH
-        return int(a[0] * h * s + a[1] * h * t * s + a[2] * h * t + a[3] * s + a[4] * t * s + a[5] * t)
+    padded = qk if device == "cpu" and v < qk else 0  # model.expanded_sdpa's zero-padded copy of v
     f = ATTN_FUSED
-    return int(h * s * 2 * (nope + v + qk) + f[0] * t * s + f[1] * h * t * (qk + v) + f[2])
+    return int(h * s * 2 * (nope + v + qk + padded) + f[0] * t * s + f[1] * h * t * (qk + max(v, padded)) + f[2])
 
 
 @dataclass

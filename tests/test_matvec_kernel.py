@@ -113,3 +113,19 @@ def test_fp8_heads_match_the_dense_split_of_kv_b():
     for a, b in ((fp8.keys(q_nope), dense.keys(q_nope)), (fp8.values(o_lat), dense.values(o_lat))):
         assert a.shape == b.shape and a.dtype == torch.float32
         assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
+
+
+def test_bf16_matvec_and_the_runners_dense_kernel():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(203, 300, generator=g).bfloat16()  # rows not a multiple of 8
+    for rows in (1, 2):
+        x = torch.randn(rows, 300, generator=g)
+        ref = x.double() @ w.double().T
+        assert ((K.matvec_bf16(w, x).double() - ref).abs().max() / ref.abs().max()).item() < 1e-6
+    dense = make_linear(StoredWeight("w", "dense", (203, 300), {"weight": w}), "cpu", "fast")
+    for rows in (1, 2, 5):  # the matvec up to BF16_MATVEC_ROWS, F.linear past it
+        x = torch.randn(rows, 300, generator=g)
+        y, ref = dense(x.bfloat16()), x.double() @ w.double().T
+        assert y.dtype == torch.bfloat16 and ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1.5e-2
+    with pytest.raises(ValueError, match="contiguous 2-D bf16 weight"):
+        K.matvec_bf16(w.t(), torch.randn(1, 203))
