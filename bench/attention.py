@@ -18,7 +18,7 @@ is printed, and another process on these cores slows every parallel op):
   * absorbed against expanded for chunks of t new tokens after `past` cached ones (t and past
     from `--chunks`, `--pasts`): where "auto" should switch (model.ABSORBED_MAX_TOKENS);
   * what `RunnerWeights.get` pays per step for kv_b_proj: nothing for a bf16 one in bf16 (held as
-    stored), a decode per call for a packed one (FP8 block, INT4 g32; the runner's FP8Heads multiply
+    stored), a decode per call for a packed one (FP8 block, INT4 g32; the runner's StoredHeads multiply
     an FP8 one from its codes instead, bench/matvec.py);
   * prefill's expanded attention core, 512 new tokens after 0 and 4096 cached: torch's CPU SDPA
     with K2's v narrower than q and k (its math path, float32 scores held whole) against

@@ -54,7 +54,7 @@ def _shape(n: int, k: int, copies: int, g: torch.Generator) -> tuple[float, floa
     for _ in range(copies):
         q = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
         s = torch.rand(-(-n // 128), -(-k // 128), generator=g) * 1e-3 + 1e-5
-        ws.append(K.FP8Codes.from_stored(q, s, (128, 128)))
+        ws.append(K.Codes.from_fp8(q, s, (128, 128)))
         bs.append(K.decode_bf16(ws[-1]))
     x = torch.randn(1, 1, k, generator=g)
     xb = x[:, 0].bfloat16()

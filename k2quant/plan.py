@@ -516,7 +516,7 @@ class StoredTensor:
     @property
     def fp8_cpu(self) -> bool:
         """Whether the runner's FP8 matvec takes this weight on the CPU (runner/kernels.py FP8CPU.supports;
-        kv_b_proj too, through absorbed attention's FP8Heads)."""
+        kv_b_proj too, through absorbed attention's StoredHeads)."""
         d = self.parts.get("weight", ("", ()))[0]
         return d == "F8_E4M3" and len(self.shape) == 2 and len(self.parts) == 2
 

@@ -1,5 +1,5 @@
 """The CPU's FP8 kernels (quant/matvec_kernel.py) against torch's decoding of the same codes, and the
-runner's use of them (runner/kernels.py FP8CPU, FP8Heads) against the dense forms they replace."""
+runner's use of them (runner/kernels.py FP8CPU, StoredHeads) against the dense forms they replace."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from k2quant.model import DenseHeads
 from k2quant.quant import matvec_kernel as K
 from k2quant.quant.fp8 import dequantize_fp8_block, quantize_fp8_block
 from k2quant.runner import kernels
-from k2quant.runner.kernels import FP8_MATVEC_ROWS, FP8Heads, make_linear
+from k2quant.runner.kernels import FP8_MATVEC_ROWS, StoredHeads, make_linear
 
 
 def _every_code(n: int, k: int, g: torch.Generator) -> torch.Tensor:
@@ -32,7 +32,7 @@ def test_decode_is_torchs_dequantization_rounded_to_bf16(shape, block):
     n, k = shape
     bs = block or (n, k)
     scale = torch.rand(-(-n // bs[0]), -(-k // bs[1]), generator=g) * 1e-2 + 1e-5
-    codes = K.FP8Codes.from_stored(w, scale if block else scale.reshape(()), block)
+    codes = K.Codes.from_fp8(w, scale if block else scale.reshape(()), block)
     ref = dequantize_fp8_block(w, scale, bs)
     assert torch.equal(K.decode_bf16(codes).view(torch.int16), ref.to(torch.bfloat16).view(torch.int16))
 
@@ -42,7 +42,7 @@ def test_matvec_and_vecmat_match_float64(rows):
     g = torch.Generator().manual_seed(1)
     n, k, blk = 258, 300, (128, 128)  # partial blocks at both edges, rows not a multiple of 4
     q, s = quantize_fp8_block(torch.randn(n, k, generator=g), blk)
-    codes = K.FP8Codes.from_stored(q, s, blk)
+    codes = K.Codes.from_fp8(q, s, blk)
     w = dequantize_fp8_block(q, s, blk).double()
     x = torch.randn(rows, 1, k, generator=g)
     y = K.matvec(codes, x)
@@ -62,7 +62,7 @@ def test_matvec_and_vecmat_match_float64(rows):
 def test_results_do_not_depend_on_the_thread_count():
     g = torch.Generator().manual_seed(2)
     q, s = quantize_fp8_block(torch.randn(512, 1024, generator=g))
-    codes = K.FP8Codes.from_stored(q, s, (128, 128))
+    codes = K.Codes.from_fp8(q, s, (128, 128))
     x, xv = torch.randn(2, 1, 1024, generator=g), torch.randn(2, 4, 64, generator=g)
     got = []
     for threads in (1, 2):
@@ -76,13 +76,13 @@ def test_results_do_not_depend_on_the_thread_count():
 def test_bad_scales_are_refused():
     q = torch.zeros(256, 256).to(torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="does not match 256x256 in 128x128 blocks"):
-        K.FP8Codes.from_stored(q, torch.ones(3, 2), (128, 128))
+        K.Codes.from_fp8(q, torch.ones(3, 2), (128, 128))
     with pytest.raises(ValueError, match="fits no channel or tensor"):
-        K.FP8Codes.from_stored(q, torch.ones(7), None)
+        K.Codes.from_fp8(q, torch.ones(7), None)
     with pytest.raises(ValueError, match="not finite"):
-        K.FP8Codes.from_stored(q, torch.full((2, 2), 1e3), (128, 128))
+        K.Codes.from_fp8(q, torch.full((2, 2), 1e3), (128, 128))
     with pytest.raises(ValueError, match="float8_e4m3fn"):
-        K.FP8Codes.from_stored(torch.zeros(4, 4), torch.ones(1), None)
+        K.Codes.from_fp8(torch.zeros(4, 4), torch.ones(1), None)
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 5, 40])  # matvec up to FP8_MATVEC_ROWS, decoded in chunks past it
@@ -102,17 +102,19 @@ def test_runner_fp8_linear_is_the_stored_weights_product(tokens, monkeypatch):
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1.5e-2
 
 
-def test_fp8_heads_match_the_dense_split_of_kv_b():
+def test_stored_heads_match_the_dense_split_of_kv_b():
     g = torch.Generator().manual_seed(4)
     heads, nope, v, rank = 4, 128, 128, 512  # K2's per-head shapes, four heads
     q, s = quantize_fp8_block(torch.randn(heads * (nope + v), rank, generator=g) * 0.05)
-    kv_b = dequantize_fp8_block(q, s).view(heads, nope + v, rank)
-    dense = DenseHeads(kv_b[:, :nope], kv_b[:, nope:])
-    fp8 = FP8Heads(K.FP8Codes.from_stored(q, s, (128, 128)), heads, nope)
     q_nope, o_lat = torch.randn(2, heads, 3, nope, generator=g), torch.randn(2, heads, 3, rank, generator=g)
-    for a, b in ((fp8.keys(q_nope), dense.keys(q_nope)), (fp8.values(o_lat), dense.values(o_lat))):
-        assert a.shape == b.shape and a.dtype == torch.float32
-        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
+    kv_b = dequantize_fp8_block(q, s)
+    for codes, w in ((K.Codes.from_fp8(q, s, (128, 128)), kv_b), (K.Codes.from_bf16(kv_b.bfloat16()),
+                                                                  kv_b.bfloat16().float())):  # fmt: skip
+        w = w.view(heads, nope + v, rank)
+        dense, stored = DenseHeads(w[:, :nope], w[:, nope:]), StoredHeads(codes, heads, nope)
+        for a, b in ((stored.keys(q_nope), dense.keys(q_nope)), (stored.values(o_lat), dense.values(o_lat))):
+            assert a.shape == b.shape and a.dtype == torch.float32
+            assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
 
 
 def test_bf16_matvec_and_the_runners_dense_kernel():
@@ -129,3 +131,5 @@ def test_bf16_matvec_and_the_runners_dense_kernel():
         assert y.dtype == torch.bfloat16 and ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1.5e-2
     with pytest.raises(ValueError, match="contiguous 2-D bf16 weight"):
         K.matvec_bf16(w.t(), torch.randn(1, 203))
+    with pytest.raises(ValueError, match="does not fit a weight"):
+        K.matvec(K.Codes.from_bf16(w), torch.randn(1, 2, 300), groups=2, stride=150, offset=0, rows=60)

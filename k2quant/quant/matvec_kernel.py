@@ -3,14 +3,14 @@
 Kimi K2 ships its attention, shared experts and dense MLP as FP8 e4m3 with one float32 scale
 per 128x128 block (K2-Thinking: BF16). A decoding token reads each of those weights once, so
 its speed is the speed of one pass over the stored bytes: these kernels make that pass
-without a float copy of the weight. FP8 functions take an `FP8Codes` (the uint8 codes,
+without a float copy of the weight. Every function takes a `Codes` (FP8: the e4m3 codes,
 row-major [n, k], and the scales per (br, bc) block, any block shape: DeepSeek's 128x128, per
-channel (1, k), per tensor (n, k)); activations are float32, results float32.
+channel (1, k), per tensor (n, k); BF16: the bits); activations are float32, results float32.
 
 - `matvec(w, x, groups, stride, offset, rows)`: y = x W^T for a few rows of x (decode),
   optionally per group of rows (absorbed attention's W_vb: head h reads rows
   h*stride + offset ...);
-- `matvec_bf16(w, x)`: the same for a bf16 weight (lm_head, K2-Thinking's attention);
+  also for a bf16 weight (lm_head, K2-Thinking's attention; `matvec_bf16` for a tensor);
 - `vecmat(w, x, stride)`: y = x W over the first rows of each group (absorbed attention's
   W_kb: q_nope of head h through rows h*stride ...), vectorized along the columns;
 - `decode_bf16(w, r0, r1, out)`: rows of the FP8 weight in bf16 (round to nearest even,
@@ -46,16 +46,20 @@ ROWS = 8  # rows a matvec task sums together, sharing each load of x
 
 
 @dataclass(frozen=True)
-class FP8Codes:
-    """An FP8 e4m3 weight as the kernels read it: `codes` uint8 [n, k], `scale` float32
-    [ceil(n / br), ceil(k / bc)] times 2^120, `block` (br, bc)."""
+class Codes:
+    """A weight as the kernels read it: `codes` [n, k] (int8 e4m3 codes, or uint16 bf16 bits), `scale`
+    float32 [ceil(n / br), ceil(k / bc)] (for FP8 times 2^120; 1 for bf16), `block` (br, bc)."""
 
     codes: np.ndarray
     scale: np.ndarray
     block: tuple[int, int]
 
+    @property
+    def bf16(self) -> bool:
+        return self.codes.dtype == np.uint16
+
     @classmethod
-    def from_stored(cls, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> FP8Codes:
+    def from_fp8(cls, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> Codes:
         """From a float8_e4m3fn weight and its scale: per block (`block` given), per channel ([n, 1] or
         [n]) or per tensor (one value). The codes are shared with `weight`, never copied."""
         if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2:
@@ -75,8 +79,16 @@ class FP8Codes:
         scaled = s * float(UNSCALE)
         if not bool(torch.isfinite(scaled).all()):
             raise ValueError("FP8 scale has a value that is not finite, or over 2^8 (the kernels scale it by 2^120)")
-        codes = weight.contiguous().view(torch.uint8).numpy()
+        codes = weight.contiguous().view(torch.int8).numpy()
         return cls(codes, scaled.contiguous().numpy(), (int(br), int(bc)))
+
+    @classmethod
+    def from_bf16(cls, weight: torch.Tensor) -> Codes:
+        """From a contiguous 2-D bf16 weight, shared, never copied."""
+        if weight.dtype != torch.bfloat16 or weight.dim() != 2 or not weight.is_contiguous():
+            raise ValueError(f"bf16 kernels need a contiguous 2-D bf16 weight, not {weight.dtype} "
+                             f"{tuple(weight.shape)}")  # fmt: skip
+        return cls(weight.view(torch.int16).numpy().view(np.uint16), np.ones((1, 1), np.float32), tuple(weight.shape))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -133,7 +145,7 @@ def _dot8(w, x, c0, n, decode):
 
 
 @njit(cache=True, fastmath=True, error_model="numpy", nogil=True, parallel=True)
-def _matvec(codes, scale, br, bc, x, groups, stride, offset, out):
+def _matvec(codes, scale, br, bc, x, groups, stride, offset, out, decode):
     """out[m, g, j] = sum_c x[m, g, c] W[g * stride + offset + j, c], for j < out.shape[2].
 
     Eight rows at a time, each code decoded in the register that multiplies it (indices unsigned:
@@ -141,7 +153,6 @@ def _matvec(codes, scale, br, bc, x, groups, stride, offset, out):
     times each row's block scale."""
     n_rows = out.shape[2]
     k = codes.shape[1]
-    wi = codes.view(np.int8)
     m_rows = x.shape[0] // groups
     tasks = -(-n_rows // ROWS)
     for task in prange(groups * tasks):
@@ -149,13 +160,13 @@ def _matvec(codes, scale, br, bc, x, groups, stride, offset, out):
         nr = min(ROWS, n_rows - j0)
         r0 = g * stride + offset + j0
         last = r0 + nr - 1
-        w = _rows(wi, r0, last)
+        w = _rows(codes, r0, last)
         tot = np.zeros(ROWS, np.float32)
         for m in range(m_rows):
             xm = x[m * groups + g]
             tot[:] = 0.0
             for c0 in range(0, k, bc):
-                sums = _dot8(w, xm, c0, min(bc, k - c0), _code)
+                sums = _dot8(w, xm, c0, min(bc, k - c0), decode)
                 cb = c0 // bc
                 for r in range(ROWS):
                     tot[r] += sums[r] * scale[min(r0 + r, last) // br, cb]
@@ -164,35 +175,22 @@ def _matvec(codes, scale, br, bc, x, groups, stride, offset, out):
 
 
 @njit(cache=True, fastmath=True, error_model="numpy", nogil=True, parallel=True)
-def _matvec_bf16(bits, x, out):
-    """out[m, j] = sum_c x[m, c] W[j, c] for W's bf16 bits (uint16 [n, k]): eight rows at a time, each
-    value widened to float32 (a shift) in the register that multiplies it."""
-    n, k = bits.shape
-    for task in prange(-(-n // ROWS)):
-        r0 = task * ROWS
-        nr = min(ROWS, n - r0)
-        w = _rows(bits, r0, r0 + nr - 1)
-        for m in range(x.shape[0]):
-            tot = _dot8(w, x[m], 0, k, _bf16)
-            for r in range(nr):
-                out[m, r0 + r] = tot[r]
-
-
-@njit(cache=True, fastmath=True, error_model="numpy", nogil=True, parallel=True)
-def _vecmat(codes, scale, br, bc, x, stride, out):
+def _vecmat(codes, scale, br, bc, x, stride, out, bf16):
     """out[m, g, c] = sum_r x[m, g, r] W[g * stride + r, c], for r < x.shape[2]."""
     m_rows, groups, n_in = x.shape
     k = codes.shape[1]
-    wi = codes.view(np.int8)
     for g in prange(groups):
-        buf = np.empty(k, np.int32)
-        bf = buf.view(np.float32)
+        bf = np.empty(k, np.float32)
         acc = np.zeros((m_rows, k), np.float32)
         for r in range(n_in):
-            row = wi[g * stride + r]
+            row = codes[g * stride + r]
             srow = scale[(g * stride + r) // br]
-            for j in range(k):
-                buf[j] = np.int32(np.int32(row[j]) << np.int32(20)) & _MASK
+            if bf16:
+                for j in range(k):
+                    bf[j] = _bf16(row[j])
+            else:
+                for j in range(k):
+                    bf[j] = _code(row[j])
             for c0 in range(0, k, bc):
                 s, u = srow[c0 // bc], np.uint64(c0)
                 for j in range(min(bc, k - c0)):
@@ -209,9 +207,8 @@ def _vecmat(codes, scale, br, bc, x, stride, out):
 @njit(cache=True, error_model="numpy", nogil=True, parallel=True)
 def _decode_bf16(codes, scale, br, bc, r0, out):
     n, k = out.shape
-    wi = codes.view(np.int8)
     for r in prange(n):
-        row, orow, srow = wi[r0 + r], out[r], scale[(r0 + r) // br]
+        row, orow, srow = codes[r0 + r], out[r], scale[(r0 + r) // br]
         for c0 in range(0, k, bc):
             s, u = srow[c0 // bc], np.uint64(c0)
             for j in range(min(bc, k - c0)):
@@ -224,42 +221,51 @@ def _f32(x: torch.Tensor) -> np.ndarray:
     return x.detach().to(torch.float32).contiguous().numpy()
 
 
-def matvec(w: FP8Codes, x: torch.Tensor, groups: int = 1, stride: int = 0, offset: int = 0,
+def matvec(w: Codes, x: torch.Tensor, groups: int = 1, stride: int = 0, offset: int = 0,
            rows: int | None = None) -> torch.Tensor:  # fmt: skip
     """float32 y [m, groups, rows] = x [m, groups, k] times the rows g*stride+offset .. +rows of W,
     transposed (groups=1: y [m, 1, n] = x W^T)."""
     m, g, k = x.shape
-    if k != w.shape[1] or g != groups:
-        raise ValueError(f"x of shape {tuple(x.shape)} does not fit an FP8 weight {w.shape} in {groups} groups")
     rows = w.shape[0] if rows is None else rows
+    if k != w.shape[1] or g != groups or (g - 1) * stride + offset + rows > w.shape[0]:
+        raise ValueError(f"x of shape {tuple(x.shape)} does not fit a weight {w.shape} in {groups} groups of "
+                         f"{rows} rows")  # fmt: skip
     out = np.empty((m, g, rows), np.float32)
-    _matvec(w.codes, w.scale, w.block[0], w.block[1], _f32(x).reshape(m * g, k), groups, stride, offset, out)
+    _matvec(
+        w.codes,
+        w.scale,
+        w.block[0],
+        w.block[1],
+        _f32(x).reshape(m * g, k),
+        groups,
+        stride,
+        offset,
+        out,
+        _bf16 if w.bf16 else _code,
+    )
     return torch.from_numpy(out)
 
 
 def matvec_bf16(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """float32 y [m, n] = x [m, k] W^T for a bf16 W [n, k] (contiguous), float32 sums."""
-    if w.dtype != torch.bfloat16 or w.dim() != 2 or not w.is_contiguous() or x.shape[-1] != w.shape[1]:
-        raise ValueError(f"matvec_bf16 needs a contiguous 2-D bf16 weight matching x {tuple(x.shape)}, "
-                         f"not {w.dtype} {tuple(w.shape)}")  # fmt: skip
-    out = np.empty((x.shape[0], w.shape[0]), np.float32)
-    _matvec_bf16(w.view(torch.int16).numpy().view(np.uint16), _f32(x), out)
-    return torch.from_numpy(out)
+    """float32 y [m, n] = x [m, k] W^T for a contiguous bf16 W [n, k]."""
+    return matvec(Codes.from_bf16(w), x[:, None])[:, 0]
 
 
-def vecmat(w: FP8Codes, x: torch.Tensor, stride: int) -> torch.Tensor:
+def vecmat(w: Codes, x: torch.Tensor, stride: int) -> torch.Tensor:
     """float32 y [m, groups, k] = x [m, groups, r] times the rows g*stride .. g*stride+r of W."""
     m, g, r = x.shape
     if (g - 1) * stride + r > w.shape[0]:
-        raise ValueError(f"x of shape {tuple(x.shape)} reaches past the {w.shape[0]} rows of an FP8 weight")
+        raise ValueError(f"x of shape {tuple(x.shape)} reaches past the {w.shape[0]} rows of a weight")
     out = np.empty((m, g, w.shape[1]), np.float32)
-    _vecmat(w.codes, w.scale, w.block[0], w.block[1], _f32(x), stride, out)
+    _vecmat(w.codes, w.scale, w.block[0], w.block[1], _f32(x), stride, out, w.bf16)
     return torch.from_numpy(out)
 
 
-def decode_bf16(w: FP8Codes, r0: int = 0, r1: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows r0..r1 of the weight in bf16, rounded as torch rounds the float32 dequantization (into
+def decode_bf16(w: Codes, r0: int = 0, r1: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows r0..r1 of an FP8 weight in bf16, rounded as torch rounds the float32 dequantization (into
     `out`, a contiguous bf16 tensor of at least that many rows, when given)."""
+    if w.bf16:
+        raise ValueError("decode_bf16 decodes FP8 codes; a bf16 weight is used as stored")
     r1 = w.shape[0] if r1 is None else r1
     if out is None:
         out = torch.empty(r1 - r0, w.shape[1], dtype=torch.bfloat16)

@@ -158,7 +158,7 @@ class FP8CPU(Linear):
         p = stored.parts
         scale = p["weight_scale_inv"] if stored.format == "fp8_block" else p["weight_scale"]
         own = _move({"weight": p["weight"], "scale": scale}, torch.device("cpu"))
-        self.codes = matvec_kernel.FP8Codes.from_stored(own["weight"], own["scale"], stored.block)
+        self.codes = matvec_kernel.Codes.from_fp8(own["weight"], own["scale"], stored.block)
         self.device, self.shape = torch.device("cpu"), tuple(stored.shape)
         self.nbytes = self.codes.nbytes
 
@@ -191,11 +191,12 @@ class FP8CPU(Linear):
         return y
 
 
-class FP8Heads:
-    """Absorbed attention's products with an FP8 kv_b_proj (model.HeadProducts), from the codes:
-    W_kb by quant/matvec_kernel's vecmat, W_vb by its matvec per head; float32 in and out."""
+class StoredHeads:
+    """Absorbed attention's products with an FP8 or bf16 kv_b_proj on the CPU (model.HeadProducts), from
+    the weight as stored: W_kb by quant/matvec_kernel's vecmat, W_vb by its matvec per head; float32 in
+    and out (no float32 copy of kv_b per step)."""
 
-    def __init__(self, codes: matvec_kernel.FP8Codes, heads: int, nope: int):
+    def __init__(self, codes: matvec_kernel.Codes, heads: int, nope: int):
         self.codes, self.heads, self.nope = codes, heads, nope
         self.per_head = codes.shape[0] // heads  # nope + v rows per head
 
@@ -209,7 +210,7 @@ class FP8Heads:
         b, h, t, width = o_lat.shape
         matvec_kernel.set_threads(torch.get_num_threads())
         y = matvec_kernel.matvec(self.codes, o_lat.transpose(1, 2).reshape(b * t, h, width), groups=h,
-                              stride=self.per_head, offset=self.nope, rows=self.per_head - self.nope)  # fmt: skip
+                                 stride=self.per_head, offset=self.nope, rows=self.per_head - self.nope)  # fmt: skip
         return y.view(b, t, h, -1).transpose(1, 2)
 
 

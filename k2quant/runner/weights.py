@@ -4,7 +4,7 @@
 the tier it was placed on (the input moved there and the output back), `get(name)` serves
 the small float32 tensors (norms, router, correction bias) and decodes the few weights the
 forward reads whole (kv_b_proj for absorbed attention) per call, except that `heads` multiplies
-an FP8 kv_b_proj on the CPU from its codes (runner/kernels.py FP8Heads), `embedding(ids)` gathers
+an FP8 or bf16 kv_b_proj on the CPU as stored (runner/kernels.py StoredHeads), `embedding(ids)` gathers
 rows of the embedding table as stored. `RunnerExperts` is the routed-experts seam: experts
 on the fast tier run there, the others on the CPU, on a worker thread when the two tiers
 differ, so they overlap with the shared expert, which the forward runs meanwhile.
@@ -23,7 +23,7 @@ from k2quant.names import parse_name
 from k2quant.quant import matvec_kernel
 from k2quant.quant.forms import form
 
-from .kernels import FP8CPU, DenseLinear, DequantLinear, FP8Heads, Linear, compute_dtype, make_linear
+from .kernels import FP8CPU, DenseLinear, DequantLinear, Linear, StoredHeads, compute_dtype, make_linear
 from .placement import Placement, tensor_class
 from .store import ExpertStore
 
@@ -81,8 +81,11 @@ class RunnerWeights(Weights):
 
     def heads(self, name: str, heads: int, nope: int, dtype: torch.dtype) -> HeadProducts:
         k = self.linears.get(name)
-        if isinstance(k, FP8CPU) and dtype == torch.float32:  # FP8 codes multiplied as stored, float32 sums
-            return FP8Heads(k.codes, heads, nope)
+        if dtype == torch.float32 and isinstance(k, FP8CPU):  # FP8 codes multiplied as stored, float32 sums
+            return StoredHeads(k.codes, heads, nope)
+        if (dtype == torch.float32 and self.mode == "fast" and isinstance(k, DenseLinear) and k.device.type == "cpu"
+                and k.weight.dtype == torch.bfloat16):  # fmt: skip
+            return StoredHeads(matvec_kernel.Codes.from_bf16(k.weight), heads, nope)
         return super().heads(name, heads, nope, dtype)
 
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
