@@ -7,7 +7,9 @@ exceed 4x the last-level cache, so every call reads its weight from RAM; the sam
 to bf16 for torch. Per shape and thread count: milliseconds per call (best of 3 passes), the
 bytes the kernel streams per second (codes and scales for FP8, bf16 bytes for torch), and
   * speedup: torch's seconds / the FP8 kernel's seconds for the same weight (the decode win);
-  * of bound: (FP8 bytes / the measured read bandwidth) / the FP8 kernel's seconds.
+  * of bound: (FP8 bytes / the measured read bandwidth) / the FP8 kernel's seconds;
+  * k2quant's bf16 matvec on the bf16 weights (the runner's kernel for bf16 weights, one token) and
+    its speedup over torch's F.linear.
 Then the crossover against decoding to bf16 (a chunk of rows at a time) and F.linear as the rows
 of x grow (why the runner switches at runner/kernels.py FP8_MATVEC_ROWS).
 
@@ -48,8 +50,9 @@ def best_s(fn, reps: int = 3) -> float:
     return best_ms(fn, reps) / 1e3
 
 
-def _shape(n: int, k: int, copies: int, g: torch.Generator) -> tuple[float, float, int, int]:
-    """(FP8 seconds, bf16 seconds, FP8 bytes, bf16 bytes) per one-token call of an n x k weight."""
+def _shape(n: int, k: int, copies: int, g: torch.Generator) -> tuple[float, float, float, int, int]:
+    """(FP8 matvec, torch's bf16 F.linear, k2quant's bf16 matvec seconds, FP8 bytes, bf16 bytes) per one-token
+    call of an n x k weight."""
     ws, bs = [], []
     for _ in range(copies):
         q = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
@@ -60,7 +63,8 @@ def _shape(n: int, k: int, copies: int, g: torch.Generator) -> tuple[float, floa
     xb = x[:, 0].bfloat16()
     t8 = best_s(lambda: [K.matvec(w, x) for w in ws]) / copies
     t16 = best_s(lambda: [F.linear(xb, b) for b in bs]) / copies
-    return t8, t16, ws[0].nbytes, bs[0].numel() * 2
+    tk = best_s(lambda: [K.matvec_bf16(b, x[:, 0]) for b in bs]) / copies
+    return t8, t16, tk, ws[0].nbytes, bs[0].numel() * 2
 
 
 def main() -> None:
@@ -77,19 +81,22 @@ def main() -> None:
         K.set_threads(threads)
         print(f"\n{threads} thread(s): read bandwidth {bw / 1e9:.1f} GB/s")
         print(f"{'weight':<20} {'shape':>12} {'fp8 ms':>8} {'GB/s':>6} {'bf16 ms':>8} {'GB/s':>6} {'speedup':>8} "
-              f"{'of bound':>8}")  # fmt: skip
-        tot_fp8 = tot_bf16 = tot_bytes = 0.0
+              f"{'of bound':>8} {'k2q bf16 ms':>12} {'GB/s':>6} {'vs torch':>9}")  # fmt: skip
+        tot_fp8 = tot_bf16 = tot_k = tot_bytes = 0.0
         for name, n, k in SHAPES:
-            t8, t16, nb8, nb16 = _shape(n, k, max(1, working // (n * k)), g)
+            t8, t16, tk, nb8, nb16 = _shape(n, k, max(1, working // (n * k)), g)
             bound = nb8 / bw
             print(f"{name:<20} {f'{n}x{k}':>12} {t8 * 1e3:8.2f} {nb8 / t8 / 1e9:6.1f} {t16 * 1e3:8.2f} "
-                  f"{nb16 / t16 / 1e9:6.1f} {t16 / t8:7.2f}x {bound / t8:8.2f}")  # fmt: skip
+                  f"{nb16 / t16 / 1e9:6.1f} {t16 / t8:7.2f}x {bound / t8:8.2f} {tk * 1e3:12.2f} {nb16 / tk / 1e9:6.1f} "
+                  f"{t16 / tk:8.2f}x")  # fmt: skip
             rows.append({"threads": threads, "weight": name, "shape": [n, k], "fp8_s": t8, "bf16_s": t16,
-                         "fp8_bytes": nb8, "bf16_bytes": nb16, "bandwidth": bw})  # fmt: skip
-            tot_fp8, tot_bf16, tot_bytes = tot_fp8 + t8, tot_bf16 + t16, tot_bytes + nb8
+                         "k2quant_bf16_s": tk, "fp8_bytes": nb8, "bf16_bytes": nb16, "bandwidth": bw})  # fmt: skip
+            tot_fp8, tot_bf16, tot_k, tot_bytes = tot_fp8 + t8, tot_bf16 + t16, tot_k + tk, tot_bytes + nb8
         print(f"{'one layer of each':<33} {tot_fp8 * 1e3:8.2f} {tot_bytes / tot_fp8 / 1e9:6.1f} {tot_bf16 * 1e3:8.2f}"
-              f" {'':>6} {tot_bf16 / tot_fp8:7.2f}x {tot_bytes / bw / tot_fp8:8.2f}")  # fmt: skip
-        results[threads] = {"fp8_s": tot_fp8, "bf16_s": tot_bf16, "fp8_bytes": tot_bytes, "bandwidth": bw}
+              f" {'':>6} {tot_bf16 / tot_fp8:7.2f}x {tot_bytes / bw / tot_fp8:8.2f} {tot_k * 1e3:12.2f} {'':>6} "
+              f"{tot_bf16 / tot_k:8.2f}x")  # fmt: skip
+        results[threads] = {"fp8_s": tot_fp8, "bf16_s": tot_bf16, "k2quant_bf16_s": tot_k, "fp8_bytes": tot_bytes,
+                            "bandwidth": bw}  # fmt: skip
     # the crossover: matvec against decoding in chunks + F.linear, as x grows (runner/kernels.py FP8_MATVEC_ROWS)
     threads = a.threads[-1]
     torch.set_num_threads(threads)

@@ -42,7 +42,7 @@ MODES = ("exact", "fast")
 _INT4PACK_GROUPS = (32, 64, 128, 256)
 # rows of x up to which the FP8 matvec (one pass over the codes per row of x) beats decoding to bf16 in
 # chunks and F.linear (bench/matvec.py's crossover table)
-FP8_MATVEC_ROWS = 3
+FP8_MATVEC_ROWS = 2
 FP8_CHUNK_BYTES = 8 << 20  # the bf16 rows an FP8 weight is decoded into per step for longer inputs
 # the same for a bf16 weight against torch's F.linear: 16384x7168, 2 rows 8.5 vs 10.3 ms, 3 rows 10.2 vs 10.1
 BF16_MATVEC_ROWS = 2
