@@ -99,6 +99,16 @@ class Codes:
         return self.codes.nbytes + self.scale.nbytes
 
 
+def warm() -> None:
+    """Run every kernel once on tiny weights of both kinds, so that their compiled code is loaded from
+    numba's cache (about 0.3 s; compiled on first use ever, about 10 s) before anything is timed."""
+    w = torch.ones(8, 16)
+    for codes in (Codes.from_bf16(w.bfloat16()), Codes.from_fp8(w.to(torch.float8_e4m3fn), torch.ones(1), None)):
+        matvec(codes, torch.ones(1, 1, 16))
+        vecmat(codes, torch.ones(1, 2, 4), 4)
+    decode_bf16(codes)
+
+
 def set_threads(n: int) -> None:
     """Threads the kernels use (at most the number numba started with: the machine's cores)."""
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
@@ -145,7 +155,7 @@ def _dot8(w, x, c0, n, decode):
 
 
 @njit(cache=True, fastmath=True, error_model="numpy", nogil=True, parallel=True)
-def _matvec(codes, scale, br, bc, x, groups, stride, offset, out, decode):
+def _matvec(codes, scale, br, bc, x, groups, stride, offset, out, bf16):
     """out[m, g, j] = sum_c x[m, g, c] W[g * stride + offset + j, c], for j < out.shape[2].
 
     Eight rows at a time, each code decoded in the register that multiplies it (indices unsigned:
@@ -166,7 +176,8 @@ def _matvec(codes, scale, br, bc, x, groups, stride, offset, out, decode):
             xm = x[m * groups + g]
             tot[:] = 0.0
             for c0 in range(0, k, bc):
-                sums = _dot8(w, xm, c0, min(bc, k - c0), decode)
+                n = min(bc, k - c0)
+                sums = _dot8(w, xm, c0, n, _bf16) if bf16 else _dot8(w, xm, c0, n, _code)
                 cb = c0 // bc
                 for r in range(ROWS):
                     tot[r] += sums[r] * scale[min(r0 + r, last) // br, cb]
@@ -231,18 +242,7 @@ def matvec(w: Codes, x: torch.Tensor, groups: int = 1, stride: int = 0, offset: 
         raise ValueError(f"x of shape {tuple(x.shape)} does not fit a weight {w.shape} in {groups} groups of "
                          f"{rows} rows")  # fmt: skip
     out = np.empty((m, g, rows), np.float32)
-    _matvec(
-        w.codes,
-        w.scale,
-        w.block[0],
-        w.block[1],
-        _f32(x).reshape(m * g, k),
-        groups,
-        stride,
-        offset,
-        out,
-        _bf16 if w.bf16 else _code,
-    )
+    _matvec(w.codes, w.scale, w.block[0], w.block[1], _f32(x).reshape(m * g, k), groups, stride, offset, out, w.bf16)
     return torch.from_numpy(out)
 
 

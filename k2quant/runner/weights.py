@@ -37,6 +37,8 @@ class RunnerWeights(Weights):
         self.small: dict[str, torch.Tensor] = {}
         self.embed: StoredWeight | None = None
         self.tier_bytes = {"gpu": 0, "cpu": 0}
+        if mode == "fast":
+            matvec_kernel.warm()  # the CPU matvecs' compiled code loaded now, not in the first timed step
         names = [n for n in checkpoint.names() if tensor_class(n) != "routed_experts"]
         for name in names if progress is None else progress(names):
             dev = gpu if gpu is not None and name in placement.gpu else torch.device("cpu")
