@@ -184,6 +184,89 @@ def join_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
     return torch.cat([k_b.transpose(1, 2), v_b], 1).reshape(-1, k_b.shape[1])
 
 
+# ---------------------------------------------------------------------------- writing
+ALIGN = 32  # general.alignment: every tensor's data starts at a multiple of it
+
+
+class GGUFFileWriter:
+    """One GGUF file as llama.cpp reads it: key/values and tensor infos encoded by gguf-py, then the
+    tensors' bytes, each aligned to ALIGN, every byte written through `sink` (a binary file object:
+    convert's HashingFile, which hashes what it writes). The one place that reaches past gguf-py's
+    writer's add_* methods (its key list and its file handle), so converters see only this:
+
+        w = GGUFFileWriter(tmp, model_keys=True)
+        add_metadata(w.keys, ...)             # gguf-py's add_* methods
+        w.add_tensor(name, shape, "Q4_K", nbytes)
+        sink = w.start(open_sink)             # header, key/values, tensor infos
+        w.tensor(pieces)                      # each tensor's bytes in order; returns how many
+        w.close()
+    """
+
+    def __init__(self, tmp: str | Path, model_keys: bool = True):
+        import gguf
+
+        self.keys = gguf.GGUFWriter(str(tmp), ARCH)
+        if not model_keys:  # as gguf-split: the model's keys only in the first file
+            self.keys.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)
+        self.sink = None
+
+    def add_split(self, index: int, count: int, tensors: int) -> None:
+        import gguf
+
+        self.keys.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_NO, index)
+        self.keys.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, count)
+        self.keys.add_int32(gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, tensors)
+
+    def add_tensor(self, name: str, shape: tuple[int, ...], typ: str, nbytes: int) -> None:
+        """A tensor's info: GGML type `typ`, logical shape (rows..., columns)."""
+        import gguf
+
+        row_bytes = ggml.TYPES[typ].row_bytes(shape[-1])
+        self.keys.add_tensor_info(name, (*shape[:-1], row_bytes), np.dtype(np.uint8), nbytes,
+                                  raw_dtype=gguf.GGMLQuantizationType(ggml.TYPES[typ].id))  # fmt: skip
+
+    def start(self, open_sink):
+        """Write the header, key/values and tensor infos into the sink `open_sink()` opens, and return it
+        (gguf-py creates the file and checks its own state first; its handle is swapped for the sink)."""
+        w = self.keys
+        w.open_output_file()
+        w.fout[0].close()
+        w.fout[0] = self.sink = open_sink()
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        return self.sink
+
+    def tensor(self, pieces) -> int:
+        """One tensor's data from `pieces` (bytes), aligned before and padded after; the bytes written."""
+        f = self.sink
+        f.write(b"\0" * (-f.tell() % ALIGN))
+        written = 0
+        for piece in pieces:
+            f.write(piece)
+            written += len(piece)
+        f.write(b"\0" * (-written % ALIGN))
+        return written
+
+    def close(self) -> None:
+        self.keys.close()
+
+
+def metadata_bytes(cfg: K2Config, tok_dir: str | Path, name: str, file_type: int, tmp_dir: str | Path) -> int:
+    """Bytes of the key/values (architecture keys, tokenizer, chat template) that a first file holds,
+    measured by encoding them into a file in `tmp_dir`."""
+    path = Path(tmp_dir) / "kv.gguf"
+    w = GGUFFileWriter(path)
+    try:
+        add_metadata(w.keys, cfg, name, file_type)
+        add_tokenizer(w.keys, tok_dir, cfg.vocab_size)
+        w.keys.write_header_to_file()
+        w.keys.write_kv_data_to_file()
+    finally:
+        w.close()
+    return path.stat().st_size - 24  # less magic, version and the two counts
+
+
 # ---------------------------------------------------------------------------- metadata
 def add_metadata(w, cfg: K2Config, name: str, file_type: int) -> None:
     """Every key llama.cpp's deepseek2 loader reads, plus general.* (see reference/gguf-llamacpp.md §2, §6)."""

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from k2quant.formats.gguf import ARCH, add_metadata, add_tokenizer, split_kv_b, tensor_map
+from k2quant.formats.gguf import GGUFFileWriter, add_metadata, add_tokenizer, split_kv_b, tensor_map
 from k2quant.formats.hashed import HashingFile
 from k2quant.formats.imatrix import read_imatrix_gguf
 
@@ -46,7 +46,6 @@ from .quant import ggml
 from .recipe import K2_GGUF_MIXES, LLAMA_FTYPES, Recipe
 
 FORMAT_VERSION = 1
-ALIGN = 32
 
 
 @dataclass
@@ -240,47 +239,28 @@ def _quantize(w: torch.Tensor, typ: str, importance: torch.Tensor | None, search
 def _write_file(ck: Checkpoint, plan: GGUFPlan, index: int, out: Path, run_map, bar) -> FileEntry:
     """Write output file `index`; `run_map(tasks)` yields each task's bytes in order (in or out of process).
     Returns its name, size and the sha256 of every byte written."""
-    import gguf
-
     names = plan.file_names()
     path = out / names[index]
     tmp = path.with_name(path.name + ".tmp")
     tensors = plan.files[index]
-    w = gguf.GGUFWriter(str(tmp), ARCH)
+    w = GGUFFileWriter(tmp, model_keys=index == 0)
     if index == 0:
         cfg = ck.config
-        add_metadata(w, cfg, plan.stem, plan.file_type)
-        add_tokenizer(w, ck.path, cfg.vocab_size)
-    else:  # as gguf-split: model keys only in the first file
-        w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)
+        add_metadata(w.keys, cfg, plan.stem, plan.file_type)
+        add_tokenizer(w.keys, ck.path, cfg.vocab_size)
     if len(plan.files) > 1:
-        w.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_NO, index)
-        w.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, len(plan.files))
-        w.add_int32(gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, len(plan.tensors))
+        w.add_split(index, len(plan.files), len(plan.tensors))
     for t in tensors:
-        row_bytes = ggml.TYPES[t.type].row_bytes(t.shape[-1])
-        w.add_tensor_info(t.name, (*t.shape[:-1], row_bytes), np.dtype(np.uint8), t.nbytes,
-                          raw_dtype=gguf.GGMLQuantizationType(ggml.TYPES[t.type].id))  # fmt: skip
+        w.add_tensor(t.name, t.shape, t.type, t.nbytes)
     fout = None
     try:
-        w.open_output_file()  # gguf-py checks its state and creates the file; the bytes go through a HashingFile
-        w.fout[0].close()
-        fout = w.fout[0] = HashingFile(tmp, path)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
+        fout = w.start(lambda: HashingFile(tmp, path))
         per_tensor = [_tasks(t) for t in tensors]
         results = iter(run_map([task for tasks in per_tensor for task in tasks]))
         for t, tasks in zip(tensors, per_tensor, strict=True):
-            fout.write(b"\0" * (-fout.tell() % ALIGN))
-            written = 0
-            for _ in tasks:
-                piece = next(results)
-                fout.write(piece)
-                written += len(piece)
+            written = w.tensor(next(results) for _ in tasks)
             if written != t.nbytes:
                 raise ConvertError(f"tensor '{t.name}': wrote {written} bytes, planned {t.nbytes}")
-            fout.write(b"\0" * (-written % ALIGN))
             bar.update(t.source_bytes)
         fout.sync()
         w.close()

@@ -44,14 +44,13 @@ import heapq
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from .checkpoint import Checkpoint
 from .convert_gguf import Importance, PlannedGGUF, plan_gguf
 from .errors import K2QuantError
-from .formats.gguf import ARCH, add_metadata, add_tokenizer, split_kv_b
+from .formats.gguf import metadata_bytes, split_kv_b
 from .plan import GGUF_KV_BYTES_PER_TOKEN, GGUF_KV_FIXED, gguf_sizes
 from .quant import ggml
 from .recipe import LLAMA_FTYPES, Recipe, build_recipe
@@ -417,20 +416,11 @@ def _metadata_bytes(ck: Checkpoint, stem: str, file_type: int) -> int | None:
     template), measured by writing them; None without the release's tokenizer files (an inventory)."""
     import tempfile
 
-    import gguf
-
     with tempfile.TemporaryDirectory() as d:
-        w = gguf.GGUFWriter(str(Path(d) / "kv.gguf"), ARCH)
         try:
-            add_metadata(w, ck.config, stem, file_type)
-            add_tokenizer(w, ck.path, ck.config.vocab_size)
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
+            return metadata_bytes(ck.config, ck.path, stem, file_type, d)
         except (OSError, K2QuantError):
             return None
-        finally:
-            w.close()
-        return (Path(d) / "kv.gguf").stat().st_size - 24  # less magic, version and the two counts
 
 
 def _allowed(name: str, typ: str, have: set[str]) -> bool:

@@ -62,8 +62,9 @@ from .checkpoint import Checkpoint, LogicalTensor, open_checkpoint
 from .config import K2Config
 from .convert import Plan as ConvertPlan
 from .convert import plan_conversion
-from .convert_gguf import ALIGN, GGUFPlan, plan_gguf
+from .convert_gguf import GGUFPlan, plan_gguf
 from .errors import K2QuantError
+from .formats.gguf import ALIGN
 from .formats.safetensors_file import DTYPES, TensorInfo
 from .memory import meminfo
 from .names import expected_shapes, parse_name
