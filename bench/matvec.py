@@ -78,7 +78,6 @@ def main() -> None:
     for threads in a.threads:
         bw = measure_read_bandwidth(threads)
         torch.set_num_threads(threads)
-        K.set_threads(threads)
         print(f"\n{threads} thread(s): read bandwidth {bw / 1e9:.1f} GB/s")
         print(f"{'weight':<20} {'shape':>12} {'fp8 ms':>8} {'GB/s':>6} {'bf16 ms':>8} {'GB/s':>6} {'speedup':>8} "
               f"{'of bound':>8} {'k2q bf16 ms':>12} {'GB/s':>6} {'vs torch':>9}")  # fmt: skip

@@ -114,6 +114,11 @@ def set_threads(n: int) -> None:
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 
+def _follow_torch() -> None:
+    """Every call runs on as many threads as torch does (the runner's --threads)."""
+    set_threads(torch.get_num_threads())
+
+
 @njit(cache=True, fastmath=True, error_model="numpy", nogil=True, inline="always")
 def _code(code):
     """The float32 of an e4m3 code (int8) times 2^-120."""
@@ -242,6 +247,7 @@ def matvec(w: Codes, x: torch.Tensor, groups: int = 1, stride: int = 0, offset: 
         raise ValueError(f"x of shape {tuple(x.shape)} does not fit a weight {w.shape} in {groups} groups of "
                          f"{rows} rows")  # fmt: skip
     out = np.empty((m, g, rows), np.float32)
+    _follow_torch()
     _matvec(w.codes, w.scale, w.block[0], w.block[1], _f32(x).reshape(m * g, k), groups, stride, offset, out, w.bf16)
     return torch.from_numpy(out)
 
@@ -257,6 +263,7 @@ def vecmat(w: Codes, x: torch.Tensor, stride: int) -> torch.Tensor:
     if (g - 1) * stride + r > w.shape[0]:
         raise ValueError(f"x of shape {tuple(x.shape)} reaches past the {w.shape[0]} rows of a weight")
     out = np.empty((m, g, w.shape[1]), np.float32)
+    _follow_torch()
     _vecmat(w.codes, w.scale, w.block[0], w.block[1], _f32(x), stride, out, w.bf16)
     return torch.from_numpy(out)
 
@@ -270,5 +277,6 @@ def decode_bf16(w: Codes, r0: int = 0, r1: int | None = None, out: torch.Tensor 
     if out is None:
         out = torch.empty(r1 - r0, w.shape[1], dtype=torch.bfloat16)
     out = out[: r1 - r0]
+    _follow_torch()
     _decode_bf16(w.codes, w.scale, w.block[0], w.block[1], r0, out.view(torch.int16).numpy().view(np.uint16))
     return out

@@ -104,11 +104,11 @@ class DenseLinear(Linear):
         self.weight = _move({"weight": weight}, self.device)["weight"]
         self.shape = tuple(self.weight.shape)
         self.nbytes = self.weight.nbytes
+        self.matvec = (dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and self.device.type == "cpu"
+                       and self.weight.dim() == 2)  # fmt: skip
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and self.device.type == "cpu"
-                and self.weight.dim() == 2 and x.numel() <= BF16_MATVEC_ROWS * self.shape[1]):  # fmt: skip
-            matvec_kernel.set_threads(torch.get_num_threads())
+        if self.matvec and x.numel() <= BF16_MATVEC_ROWS * self.shape[1]:
             y = matvec_kernel.matvec_bf16(self.weight, x.reshape(-1, self.shape[1])).to(torch.bfloat16)
             return y.view(*x.shape[:-1], self.shape[0])
         return F.linear(x.to(self.dtype), self.weight.to(self.dtype))
@@ -174,13 +174,11 @@ class FP8CPU(Linear):
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         """x [m, k] W^T from the codes, float32 sums, bf16 out."""
-        matvec_kernel.set_threads(torch.get_num_threads())
         return matvec_kernel.matvec(self.codes, x[:, None]).view(-1, self.shape[0]).to(torch.bfloat16)
 
     def decoded_linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [m, k] W^T by F.linear in bf16, over the weight decoded a chunk of rows at a time into one
         FP8_CHUNK_BYTES buffer (no weight-sized transient)."""
-        matvec_kernel.set_threads(torch.get_num_threads())
         (n, k), xb = self.shape, x.to(torch.bfloat16)
         y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
         step = max(1, FP8_CHUNK_BYTES // (2 * k))
@@ -197,18 +195,16 @@ class StoredHeads:
     and out (no float32 copy of kv_b per step)."""
 
     def __init__(self, codes: matvec_kernel.Codes, heads: int, nope: int):
-        self.codes, self.heads, self.nope = codes, heads, nope
+        self.codes, self.nope = codes, nope
         self.per_head = codes.shape[0] // heads  # nope + v rows per head
 
     def keys(self, q_nope: torch.Tensor) -> torch.Tensor:
         b, h, t, _ = q_nope.shape
-        matvec_kernel.set_threads(torch.get_num_threads())
         y = matvec_kernel.vecmat(self.codes, q_nope.transpose(1, 2).reshape(b * t, h, self.nope), self.per_head)
         return y.view(b, t, h, -1).transpose(1, 2)
 
     def values(self, o_lat: torch.Tensor) -> torch.Tensor:
         b, h, t, width = o_lat.shape
-        matvec_kernel.set_threads(torch.get_num_threads())
         y = matvec_kernel.matvec(self.codes, o_lat.transpose(1, 2).reshape(b * t, h, width), groups=h,
                                  stride=self.per_head, offset=self.nope, rows=self.per_head - self.nope)  # fmt: skip
         return y.view(b, t, h, -1).transpose(1, 2)
