@@ -27,8 +27,8 @@ codes (0x7f, 0xff), which no quantizer writes, decode to +-480. A bf16 value is 
 shifted left by 16. Compiled with fastmath (the sums may be reassociated at compile time),
 each output element is summed by one thread in a fixed order: the result does not depend on
 the thread count or the run. On this machine's AVX-512 cores, 2 threads, K2's layer shapes
-from RAM: the FP8 matvec streams 23 GB/s of codes, 2.3x the weights per second of torch's bf16
-F.linear on the same weights; the bf16 matvec 1.6x torch's (`bench/matvec.py`).
+from RAM: the FP8 matvec streams 19 GB/s of codes, 2.0x the weights per second of torch's bf16
+F.linear on the same weights; the bf16 matvec 1.3x torch's (`bench/matvec.py`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ parts on `device` and nothing dequantized between calls. Two modes:
     (prompts) the weight decoded to bf16 a chunk of rows at a time (an 8 MiB transient) and
     F.linear per chunk;
   - `dense` bf16 / f16: F.linear on the stored tensor (no copy); on the CPU, a bf16 weight and
-    up to BF16_MATVEC_ROWS rows of x (decoding) take k2quant's bf16 matvec (float32 sums), 1.6x
+    up to BF16_MATVEC_ROWS rows of x (decoding) take k2quant's bf16 matvec (float32 sums), 1.3x
     torch's bf16 F.linear here;
   - everything else (FP8 on CUDA, asymmetric INT4, every GGML type, INT4 on CUDA):
     decoded per call into bf16 (`DequantLinear`), then F.linear.
